@@ -1,0 +1,3 @@
+from mechedit.cli import main
+
+main()

@@ -1,0 +1,5 @@
+"""`mechedit edit`: edit a fact."""
+
+from __future__ import annotations
+
+from mechedit.cli import app  # noqa: F401

@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny random-weight models of each architecture (built here, nothing downloaded), the
+embedded model, and the shared data directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(int(os.environ.get("MECHEDIT_TEST_THREADS", "1")))
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TINY_ARCHS = ("gpt2", "llama", "qwen2", "gpt_neox")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A directory holding the embedded model's tokenizer (byte-level BPE, BOS-prepending)."""
+    from mechedit.model import embedded_model_dir
+
+    d = embedded_model_dir()
+    if (d / "tokenizer.json").exists():
+        return d
+    from mechedit.toy.tokenizer import build_tokenizer
+    from mechedit.toy.world import World
+
+    out = tmp_path_factory.mktemp("tok")
+    build_tokenizer(World.generate(0)).save_pretrained(out)
+    return out
+
+
+def make_tiny(arch: str, vocab_size: int, seed: int = 0, n_layers: int = 3):
+    """A tiny random-weight HF causal LM of ``arch`` (GQA on Llama and Qwen2: 4 query heads, 2 KV heads)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=n_layers, n_head=4, n_positions=64,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        model = tf.GPT2LMHeadModel(cfg)
+    elif arch in ("llama", "qwen2"):
+        cls_cfg, cls = ((tf.LlamaConfig, tf.LlamaForCausalLM) if arch == "llama"
+                        else (tf.Qwen2Config, tf.Qwen2ForCausalLM))
+        cfg = cls_cfg(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        model = cls(cfg)
+    elif arch == "gpt_neox":
+        cfg = tf.GPTNeoXConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=n_layers, num_attention_heads=4, max_position_embeddings=64)
+        model = tf.GPTNeoXForCausalLM(cfg)
+    else:
+        raise ValueError(arch)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tokenizer_dir):
+    """``tiny_dir(arch)`` -> a saved HF directory with a tiny random model of ``arch`` and the toy tokenizer."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    made: dict[str, Path] = {}
+
+    def make(arch: str) -> Path:
+        if arch not in made:
+            d = tmp_path_factory.mktemp(f"tiny-{arch}")
+            make_tiny(arch, len(tok)).save_pretrained(d)
+            tok.save_pretrained(d)
+            made[arch] = d
+        return made[arch]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded world model, loaded once per test session (treat as read-only, or restore what you edit)."""
+    import mechedit
+
+    return mechedit.load()
