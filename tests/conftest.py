@@ -38,7 +38,7 @@ def make_tiny(arch: str, vocab_size: int, seed: int = 0, n_layers: int = 3):
     torch.manual_seed(seed)
     if arch == "gpt2":
         cfg = tf.GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=n_layers, n_head=4, n_positions=64,
-                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=1)
         model = tf.GPT2LMHeadModel(cfg)
     elif arch in ("llama", "qwen2"):
         cls_cfg, cls = ((tf.LlamaConfig, tf.LlamaForCausalLM) if arch == "llama"

@@ -253,9 +253,17 @@ class _quiet_hf:
         warnings.simplefilter("ignore")
         self._env = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        from transformers.utils import logging as hf_logging
+
+        self._bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
         return self
 
     def __exit__(self, *exc):
+        from transformers.utils import logging as hf_logging
+
+        if self._bars:
+            hf_logging.enable_progress_bar()
         logging.disable(self._prev)
         self._w.__exit__(*exc)
         if self._env is None:
