@@ -64,7 +64,7 @@ RECIPES: dict[str, GGUFWheelRecipe] = {
 
 def model_dir(name: str) -> Path:
     """Where the fetched model ``name`` lives (whether or not it is there yet); the same place ``load`` looks."""
-    from mechedit.model import cache_dir  # here, not at the top: it imports torch
+    from mechedit.hub import cache_dir
 
     return cache_dir() / "models" / _known(name)
 

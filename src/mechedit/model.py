@@ -24,6 +24,7 @@ import torch
 
 from mechedit.arch import ARCHITECTURES, ArchSpec
 from mechedit.errors import InputError, ModelLoadError
+from mechedit.hub import KNOWN_MODELS, cache_dir
 from mechedit.sites import Site, as_site
 
 EMBEDDED_NAMES = ("embedded", "toy", "default")
@@ -32,12 +33,6 @@ EMBEDDED_NAMES = ("embedded", "toy", "default")
 def embedded_model_dir() -> Path:
     """Directory of the shipped embedded world model (an ordinary HF checkpoint)."""
     return Path(__file__).parent / "assets" / "toy-llama"
-
-
-def cache_dir() -> Path:
-    """Where fetched/converted models live: ``$MECHEDIT_CACHE`` or ``~/.cache/mechedit``."""
-    root = os.environ.get("MECHEDIT_CACHE") or (Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mechedit")
-    return Path(root)
 
 
 @dataclass(eq=False)
@@ -165,8 +160,6 @@ def resolve_model_path(model: str | Path | None) -> tuple[str, Path | None]:
             raise ModelLoadError(f"the embedded model is missing from {d}; rebuild it with `mechedit toy build`")
         return "embedded", d
     text = str(model)
-    from mechedit.hub import KNOWN_MODELS  # local import: registry of fetchable models
-
     if text.lower() in KNOWN_MODELS:
         d = cache_dir() / "models" / text.lower()
         if not (d / "config.json").exists():

@@ -5,28 +5,24 @@ Errors the user can fix (:class:`mechedit.errors.MecheditError`) print one line 
 
 from __future__ import annotations
 
-import click
 import typer
 from typer.core import TyperGroup
 
 from mechedit.errors import MecheditError
 
-
-class UserError(click.ClickException):
-    exit_code = 2
-
-    def show(self, file=None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
+USER_ERROR_EXIT = 2
 
 
 class _Group(TyperGroup):
-    """Turns a MecheditError raised anywhere below into one clear message, never a traceback."""
+    """Turns a MecheditError raised anywhere below into one clear message on stderr and exit status 2, never a
+    traceback."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except MecheditError as e:
-            raise UserError(str(e)) from None
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(USER_ERROR_EXIT) from None
 
 
 app = typer.Typer(
