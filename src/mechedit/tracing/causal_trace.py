@@ -1,0 +1,444 @@
+"""Causal tracing with noise: which hidden states carry a fact from the subject to the answer?
+
+Meng, Bau, Andonian and Belinkov, "Locating and Editing Factual Associations in GPT" (NeurIPS 2022), §2.
+
+The idea. Run the model three ways on a prompt such as "Dalo Frenwick was born in" → " Paris":
+
+1. **clean**: the prompt as is; the answer's probability is ``high_score``.
+2. **corrupted**: Gaussian noise is added to the token embeddings of the subject ("Dalo Frenwick"), so the
+   model can no longer tell who the prompt is about; the answer's probability drops to ``low_score``.
+3. **corrupted-with-restoration**: the corrupted run again, but one internal state is overwritten with its
+   value from the clean run. If that single state carries what the model knows about the subject, the
+   answer's probability climbs back towards ``high_score``.
+
+The probability after restoring a state is its ``score``; ``score - low_score`` is its *indirect effect*.
+Three kinds of state are traced, each per (layer, token):
+
+- ``hidden``: the residual stream after layer L (``blocks.L.hook_resid_post``; ROME restores the layer's
+  output hidden state).
+- ``mlp`` / ``attn``: the MLP / attention output (``blocks.L.hook_mlp_out`` / ``blocks.L.hook_attn_out``),
+  restored at one token over a *window* of layers centred on L (default 10, clipped at the edges; see
+  :func:`window_layers`), because a single sublayer's contribution is small.
+
+In GPT-2 XL, ROME found the MLPs at the subject's last token in middle layers decisive (an "early site"),
+and attention at the last token in late layers (a "late site").
+
+Noise: every cell of one noise sample restores into the *same* corrupted run - the noise is drawn once per
+sample (ROME's practice), from a ``torch.Generator`` seeded with ``config.seed``. Scores average the answer's
+probability over ``config.samples`` samples. The default noise std is 3× the standard deviation of subject
+token embeddings (:func:`~mechedit.tracing.common.noise_scale`).
+
+Batching: a grid of n_layers × n_tokens cells × 3 kinds × 10 samples is thousands of forwards. Each
+(cell, sample) pair is one row of a batch: all rows read the same prompt, a hook adds each row's noise to the
+subject embeddings, and per-hook hooks restore each row's clean states. ``config.batch_size`` rows run per
+forward, so memory is bounded by the chunk, not by the grid. :func:`causal_trace_reference` does the same one
+row per forward and is what the batched version is tested against.
+
+Multi-token answers are scored under teacher forcing: the probability of the whole answer is the product of
+its tokens' probabilities, each given the prompt and the answer tokens before it.
+
+>>> import mechedit
+>>> from mechedit.tracing import causal_trace
+>>> m = mechedit.load()                                              # the embedded world model
+>>> world = mechedit.World.load(m.path / "world.json")
+>>> subject = world.subjects[0]
+>>> result = causal_trace(m, f"{subject} was born in the city of", subject)
+>>> layer, position, score = result.peak("mlp")
+>>> df = result.to_frame()                                           # tidy: kind, layer, position, ...
+>>> fig = result.plot()                                              # ROME-style heatmaps
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from mechedit.errors import DataFormatError, InputError
+from mechedit.model import LoadedModel
+from mechedit.sites import HOOKS, Site
+from mechedit.tracing.common import (
+    HookFn, Prompt, answer_prob, clean_run, draw_noise, hooks, noise_scale, prepare_prompt,
+)
+
+# kind -> the site component restored
+KINDS: dict[str, str] = {"hidden": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
+EMBED_HOOK = HOOKS["embed"]  # the noise goes onto the token embeddings
+FORMAT = "mechedit.causal_trace/1"
+
+Progress = Callable[[int, int], None]  # (rows done, rows in all)
+
+
+@dataclass(frozen=True)
+class CausalTraceConfig:
+    """How to trace. Defaults are ROME's."""
+
+    samples: int = 10  # corrupted runs (noise samples) averaged per cell
+    noise: float | None = None  # noise std; None = 3 × std of subject token embeddings (see resolve_noise)
+    window: int = 10  # layers restored together for "mlp" and "attn", centred on the row's layer
+    kinds: tuple[str, ...] = ("hidden", "mlp", "attn")  # which states to trace
+    seed: int = 0  # seeds the noise generator: same seed, same noise, same result
+    batch_size: int = 256  # (cell, sample) rows per forward; bounds memory
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kinds", tuple(self.kinds))
+        if not isinstance(self.samples, int) or self.samples < 1:
+            raise InputError(f"samples must be a positive integer, got {self.samples!r}")
+        if self.noise is not None and not (isinstance(self.noise, (int, float)) and self.noise > 0):
+            raise InputError(f"noise must be a positive number (the noise std) or None for 3× the subject "
+                             f"embedding std, got {self.noise!r}")
+        if not isinstance(self.window, int) or self.window < 1:
+            raise InputError(f"window must be a positive integer, got {self.window!r}")
+        if not self.kinds or any(k not in KINDS for k in self.kinds) or len(set(self.kinds)) != len(self.kinds):
+            raise InputError(f"kinds must be distinct names among {list(KINDS)}, got {list(self.kinds)}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise InputError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["kinds"] = list(self.kinds)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CausalTraceConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise DataFormatError(f"causal trace config: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+def window_layers(centre: int, window: int, n_layers: int) -> range:
+    """Layers restored together for a window centred on ``centre`` (ROME's definition, clipped at the edges):
+    ``range(max(0, centre - window // 2), min(n_layers, centre - (-window // 2)))``."""
+    return range(max(0, centre - window // 2), min(n_layers, centre - (-window // 2)))
+
+
+def resolve_noise(model: LoadedModel, config: CausalTraceConfig, subject: str) -> float:
+    """The noise std to use: ``config.noise`` when given; else 3× the std of subject embeddings, measured over
+    the world's subjects when the model directory holds a ``world.json`` (the embedded model), else over
+    ``subject`` alone."""
+    if config.noise is not None:
+        return float(config.noise)
+    subjects = [subject]
+    if model.path is not None and (model.path / "world.json").exists():
+        from mechedit.toy.world import World
+
+        subjects = list(World.load(model.path / "world.json").subjects)
+    return noise_scale(model, subjects)
+
+
+# -- the result -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class CausalTraceResult:
+    """What :func:`causal_trace` found for one prompt."""
+
+    prompt: str
+    subject: str
+    tokens: list[str]  # prompt tokens, each decoded on its own (BOS included when the model reads one)
+    subject_range: tuple[int, int]  # [start, end) positions of the subject's tokens
+    answer: str
+    answer_ids: list[int]
+    low_score: float  # p(answer) with the subject corrupted, nothing restored (mean over samples)
+    high_score: float  # p(answer) on the clean prompt
+    scores: dict[str, torch.Tensor]  # kind -> (n_layers, n_tokens) p(answer) after restoring that state
+    config: CausalTraceConfig
+    noise_scale: float  # the noise std actually used
+    model_name: str
+    model_fingerprint: str
+    extra: dict = field(default_factory=dict)  # free-form notes carried through save/load
+
+    @property
+    def n_layers(self) -> int:
+        return next(iter(self.scores.values())).shape[0]
+
+    def peak(self, kind: str) -> tuple[int, int, float]:
+        """(layer, position, score) of the highest score of ``kind``."""
+        s = self._kind(kind)  # (L, T)
+        flat = int(s.argmax())
+        layer, pos = divmod(flat, s.shape[1])
+        return layer, pos, float(s[layer, pos])
+
+    def to_frame(self):
+        """Tidy pandas frame: one row per (kind, layer, position) with columns kind, layer, position, token,
+        is_subject, score, indirect_effect (= score - low_score)."""
+        import pandas as pd
+
+        start, end = self.subject_range
+        rows = []
+        for kind, s in self.scores.items():
+            for layer in range(s.shape[0]):
+                for pos in range(s.shape[1]):
+                    score = float(s[layer, pos])
+                    rows.append((kind, layer, pos, self.tokens[pos], start <= pos < end, score,
+                                 score - self.low_score))
+        return pd.DataFrame(rows, columns=["kind", "layer", "position", "token", "is_subject", "score",
+                                           "indirect_effect"])
+
+    def plot(self):
+        """ROME-style heatmaps, one panel per kind (a plotly Figure)."""
+        from mechedit.viz.causal_trace import plot_causal_trace
+
+        return plot_causal_trace(self)
+
+    # -- persistence ------------------------------------------------------------------------------------------
+    def to_json_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "prompt": self.prompt, "subject": self.subject, "tokens": list(self.tokens),
+            "subject_range": list(self.subject_range), "answer": self.answer, "answer_ids": list(self.answer_ids),
+            "low_score": self.low_score, "high_score": self.high_score,
+            "scores": {kind: s.tolist() for kind, s in self.scores.items()},  # [layer][position]
+            "config": self.config.to_dict(), "noise_scale": self.noise_scale,
+            "model_name": self.model_name, "model_fingerprint": self.model_fingerprint, "extra": self.extra,
+        }
+
+    @classmethod
+    def from_json_dict(cls, d: dict) -> "CausalTraceResult":
+        if d.get("format") != FORMAT:
+            raise DataFormatError(f"not a causal trace result (format {d.get('format')!r}, expected {FORMAT!r})")
+        try:
+            return cls(
+                prompt=d["prompt"], subject=d["subject"], tokens=list(d["tokens"]),
+                subject_range=tuple(d["subject_range"]), answer=d["answer"], answer_ids=list(d["answer_ids"]),
+                low_score=float(d["low_score"]), high_score=float(d["high_score"]),
+                scores={k: torch.tensor(v, dtype=torch.float32) for k, v in d["scores"].items()},
+                config=CausalTraceConfig.from_dict(d["config"]), noise_scale=float(d["noise_scale"]),
+                model_name=d["model_name"], model_fingerprint=d["model_fingerprint"], extra=d.get("extra", {}),
+            )
+        except KeyError as e:
+            raise DataFormatError(f"causal trace result: missing field {e.args[0]!r}") from e
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json_dict()))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CausalTraceResult":
+        try:
+            d = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise DataFormatError(f"{path}: not JSON ({e})") from e
+        return cls.from_json_dict(d)
+
+    def _kind(self, kind: str) -> torch.Tensor:
+        if kind not in self.scores:
+            raise InputError(f"this trace has no kind {kind!r}; it has {list(self.scores)}")
+        return self.scores[kind]
+
+
+# -- the batched engine -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Patch:
+    """Restore one clean activation: ``hook`` at token ``position`` (only head/neuron ``index`` when set)."""
+
+    hook: str
+    position: int
+    index: int | None = None
+
+
+Cell = tuple[Patch, ...]  # what one cell restores together; () restores nothing (the corrupted baseline)
+
+
+def run_cells(model: LoadedModel, prompt: Prompt, noise: torch.Tensor, cells: Sequence[Cell],
+              clean: dict[str, torch.Tensor], batch_size: int, progress: Progress | None = None) -> torch.Tensor:
+    """p(answer) for every (cell, noise sample), ``batch_size`` rows per forward.
+
+    Args:
+        noise: (S, n_subject_tokens, d_model) noise, added to the subject's token embeddings.
+        cells: what each cell restores.
+        clean: hook name -> (T, ...) clean activation, for every hook a cell restores.
+    Returns:
+        (n_cells, S) probabilities (float32, CPU). Row r of the flattened grid is cell r // S, sample r % S.
+    """
+    n_samples = noise.shape[0]
+    start, end = prompt.subject_range
+    x = torch.tensor([prompt.input_ids], device=model.device)  # (1, T)
+    n_rows = len(cells) * n_samples
+    out = torch.empty(n_rows)
+    if progress is not None:
+        progress(0, n_rows)
+    for lo in range(0, n_rows, batch_size):
+        hi = min(lo + batch_size, n_rows)
+        rows = range(lo, hi)
+        samples = torch.tensor([r % n_samples for r in rows])  # (B,)
+        # this chunk's restorations, grouped by hook: hook -> [(row in chunk, position, index or -1)]
+        by_hook: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
+        for b, r in enumerate(rows):
+            for p in cells[r // n_samples]:
+                by_hook[p.hook].append((b, p.position, -1 if p.index is None else p.index))
+        fwd = [(EMBED_HOOK, _add_noise(noise[samples], start, end))]  # first: restoring the embedding follows it
+        fwd += [(hook, _restore(clean[hook], entries)) for hook, entries in by_hook.items()]
+        with torch.no_grad(), hooks(model, fwd):
+            logits = model.bridge(x.expand(hi - lo, -1))  # (B, T, V)
+        out[lo:hi] = answer_prob(logits, prompt).cpu()  # (B,)
+        if progress is not None:
+            progress(hi, n_rows)
+    return out.view(len(cells), n_samples)
+
+
+def _add_noise(noise: torch.Tensor, start: int, end: int) -> HookFn:
+    """Hook adding ``noise`` (B, end - start, d) to the embeddings of positions [start, end)."""
+
+    def fn(emb: torch.Tensor, hook) -> torch.Tensor:  # emb (B, T, d)
+        emb = emb.clone()
+        emb[:, start:end] += noise.to(emb.device, emb.dtype)
+        return emb
+
+    return fn
+
+
+def _restore(clean: torch.Tensor, entries: list[tuple[int, int, int]]) -> HookFn:
+    """Hook writing clean values into the rows and positions of ``entries`` ((row, position, index or -1))."""
+    rows, pos, idx = torch.tensor(entries).T  # (N,) each
+    whole = idx < 0
+
+    def fn(act: torch.Tensor, hook) -> torch.Tensor:  # act (B, T, ...); clean (T, ...)
+        act = act.clone()
+        c = clean.to(act.device, act.dtype)
+        r, p, i, w = (t.to(act.device) for t in (rows, pos, idx, whole))
+        act[r[w], p[w]] = c[p[w]]  # the whole vector at a position
+        act[r[~w], p[~w], i[~w]] = c[p[~w], i[~w]]  # one head / one neuron
+        return act
+
+    return fn
+
+
+def kind_hook(kind: str, layer: int) -> str:
+    return Site(layer, KINDS[kind]).hook_name
+
+
+def grid_cell(kind: str, layer: int, position: int, window: int, n_layers: int) -> Cell:
+    """What the grid cell (kind, layer, position) restores: one hidden state, or a window of MLP/attention
+    outputs centred on ``layer``."""
+    layers = [layer] if kind == "hidden" else window_layers(layer, window, n_layers)
+    return tuple(Patch(kind_hook(kind, lyr), position) for lyr in layers)
+
+
+# -- the tracers ------------------------------------------------------------------------------------------------
+
+
+def causal_trace(model: LoadedModel, prompt: str, subject: str, target: str | None = None,
+                 config: CausalTraceConfig = CausalTraceConfig(), progress: Progress | None = None,
+                 ) -> CausalTraceResult:
+    """Trace every (layer, token) of each kind in ``config.kinds``; batched.
+
+    Args:
+        prompt: the prompt; ``subject`` must occur in it (its last occurrence is corrupted).
+        target: the answer to score; None = the model's own greedy next token (see ``prepare_prompt``).
+        progress: called with (rows done, rows in all) before the first forward and after each one.
+    Returns:
+        A :class:`CausalTraceResult`; ``scores[kind]`` is (n_layers, n_prompt_tokens).
+    """
+    p, scale, noise = _setup(model, prompt, subject, target, config)
+    high, clean = clean_run(model, p, _grid_hooks(model, config))
+    n_layers, n_tokens = model.n_layers, len(p.ids)
+    grid = [(kind, layer, pos) for kind in config.kinds for layer in range(n_layers) for pos in range(n_tokens)]
+    cells = [()] + [grid_cell(kind, layer, pos, config.window, n_layers) for kind, layer, pos in grid]
+    probs = run_cells(model, p, noise, cells, clean, config.batch_size, progress)  # (1 + n_grid, S)
+    means = probs.mean(dim=1)  # (1 + n_grid,)
+    scores = {kind: means[1 + i * n_layers * n_tokens: 1 + (i + 1) * n_layers * n_tokens].view(n_layers, n_tokens)
+              for i, kind in enumerate(config.kinds)}
+    return _result(model, p, float(means[0]), high, scores, config, scale)
+
+
+def trace_restore_set(model: LoadedModel, prompt: str, subject: str,
+                      restore: Sequence[tuple[Site | str, int]], target: str | None = None,
+                      config: CausalTraceConfig = CausalTraceConfig()) -> float:
+    """p(answer) in the corrupted run with a *set* of states restored together (mean over noise samples).
+
+    Args:
+        restore: (site, position) pairs. A site is any :class:`~mechedit.sites.Site` with a position axis
+            (``blocks.3.hook_mlp_out``, ``blocks.3.attn.hook_z[head=1]``, ``hook_embed``, ...; not attention
+            patterns). Positions index the model's input - the prompt's tokens, then the answer's tokens but
+            the last - and may be negative (from the end). An empty set gives the corrupted score.
+        config: ``samples``, ``noise``, ``seed`` and ``batch_size`` apply (``kinds`` and ``window`` do not).
+    """
+    p, _, noise = _setup(model, prompt, subject, target, config)
+    n = len(p.input_ids)
+    patches = []
+    for site, pos in restore:
+        s = model.site(site)
+        if s.component == "pattern":
+            raise InputError(f"site {s}: attention patterns have no single position axis; restore "
+                             "blocks.L.attn.hook_z[head=h] instead")
+        if not isinstance(pos, int) or not -n <= pos < n:
+            raise InputError(f"position {pos!r} is out of range; the model's input has {n} tokens")
+        patches.append(Patch(s.hook_name, pos % n, s.head if s.head is not None else s.neuron))
+    _, clean = clean_run(model, p, [pt.hook for pt in patches])
+    probs = run_cells(model, p, noise, [tuple(patches)], clean, config.batch_size)  # (1, S)
+    return float(probs.mean())
+
+
+def causal_trace_reference(model: LoadedModel, prompt: str, subject: str, target: str | None = None,
+                           config: CausalTraceConfig = CausalTraceConfig()) -> CausalTraceResult:
+    """The same trace, one (cell, sample) per forward, with the same noise: slow and plain, for tests and
+    benchmarks. ``config.batch_size`` is ignored."""
+    p, scale, noise = _setup(model, prompt, subject, target, config)
+    high, clean = clean_run(model, p, _grid_hooks(model, config))
+    start, end = p.subject_range
+    x = torch.tensor([p.input_ids], device=model.device)  # (1, T)
+
+    def corrupted_prob(sample: int, restores: list[tuple[str, int]]) -> float:
+        def add_noise(emb, hook):  # emb (1, T, d)
+            emb = emb.clone()
+            emb[0, start:end] += noise[sample].to(emb.device, emb.dtype)
+            return emb
+
+        def put_back(hook_name: str, pos: int) -> HookFn:
+            def fn(act, hook):  # act (1, T, d)
+                act = act.clone()
+                act[0, pos] = clean[hook_name][pos]
+                return act
+            return fn
+
+        fwd = [(EMBED_HOOK, add_noise)] + [(h, put_back(h, pos)) for h, pos in restores]
+        with torch.no_grad(), hooks(model, fwd):
+            logits = model.bridge(x)  # (1, T, V)
+        return float(answer_prob(logits, p)[0])
+
+    samples = range(config.samples)
+    low = sum(corrupted_prob(s, []) for s in samples) / config.samples
+    scores = {}
+    for kind in config.kinds:
+        s_kind = torch.zeros(model.n_layers, len(p.ids))
+        for layer in range(model.n_layers):
+            layers = [layer] if kind == "hidden" else window_layers(layer, config.window, model.n_layers)
+            for pos in range(len(p.ids)):
+                restores = [(kind_hook(kind, lyr), pos) for lyr in layers]
+                s_kind[layer, pos] = sum(corrupted_prob(s, restores) for s in samples) / config.samples
+        scores[kind] = s_kind
+    return _result(model, p, low, high, scores, config, scale)
+
+
+def _setup(model: LoadedModel, prompt: str, subject: str, target: str | None, config: CausalTraceConfig,
+           ) -> tuple[Prompt, float, torch.Tensor]:
+    """The prepared prompt, the noise std and the noise, (S, n_subject_tokens, d_model)."""
+    if not isinstance(config, CausalTraceConfig):
+        raise InputError(f"config must be a CausalTraceConfig, got {type(config).__name__}")
+    p = prepare_prompt(model, prompt, subject, target)
+    scale = resolve_noise(model, config, p.subject)
+    start, end = p.subject_range
+    noise = draw_noise(config.samples, end - start, model.d_model, scale, config.seed)
+    return p, scale, noise
+
+
+def _grid_hooks(model: LoadedModel, config: CausalTraceConfig) -> list[str]:
+    """Every hook the grid restores (their clean activations are cached once)."""
+    return [kind_hook(kind, layer) for kind in config.kinds for layer in range(model.n_layers)]
+
+
+def _result(model, p: Prompt, low: float, high: float, scores: dict, config, scale: float) -> CausalTraceResult:
+    return CausalTraceResult(
+        prompt=p.text, subject=p.subject, tokens=list(p.tokens), subject_range=p.subject_range, answer=p.answer,
+        answer_ids=list(p.answer_ids), low_score=low, high_score=high,
+        scores={k: v.detach().float().cpu().clone() for k, v in scores.items()}, config=config,
+        noise_scale=scale, model_name=model.name, model_fingerprint=model.fingerprint(),
+    )
