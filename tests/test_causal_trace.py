@@ -1,4 +1,4 @@
-"""Causal tracing with noise (mechedit.tracing.causal_trace) on tiny random models of each architecture.
+"""Causal tracing with noise (mechedit.tracing.causal) on tiny random models of each architecture.
 
 Random tiny models predict almost uniformly (p ≈ 1/vocab), so every score would agree with every other within
 any absolute tolerance. The ``sharp`` fixture multiplies the final norm's weight by 20, which makes the
@@ -19,10 +19,10 @@ from mechedit.tracing import (
     CausalTraceConfig, CausalTraceResult, causal_trace, causal_trace_reference, find_subject_range, hooks,
     live_hooks, noise_scale, prepare_prompt, trace_restore_set, window_layers,
 )
-from mechedit.tracing.causal_trace import resolve_noise
+from mechedit.tracing.causal import resolve_noise
 
 # the package re-exports the function causal_trace under the submodule's name; fetch the module itself
-ct_module = importlib.import_module("mechedit.tracing.causal_trace")
+ct_module = importlib.import_module("mechedit.tracing.causal")
 
 ARCHS = ("gpt2", "llama", "qwen2", "gpt_neox")
 PROMPT = "Voupeis Draexmir was born in the city of"

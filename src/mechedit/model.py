@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,7 +55,6 @@ class LoadedModel:
     d_vocab: int
     n_ctx: int
     tied_embeddings: bool
-    _fingerprint: str | None = field(default=None, repr=False)
 
     # -- facts ----------------------------------------------------------------------------------------------
     @property
@@ -117,14 +116,13 @@ class LoadedModel:
         return [self.tokenizer.decode([i]) for i in ids]
 
     def fingerprint(self) -> str:
-        """A short hash of every weight: identifies "the same model" for saved edits and cached statistics."""
-        if self._fingerprint is None:
-            h = hashlib.sha256()
-            for name, p in sorted(self.hf_model.state_dict().items()):
-                h.update(canonical_param_name(name).encode())
-                h.update(p.detach().to(torch.float32).cpu().numpy().tobytes())
-            self._fingerprint = h.hexdigest()[:16]
-        return self._fingerprint
+        """A short hash of every weight as they are now: identifies "the same model" for saved edits and cached
+        statistics. Computed afresh on each call (one pass over the weights), so it follows in-place edits."""
+        h = hashlib.sha256()
+        for name, p in sorted(self.hf_model.state_dict().items()):
+            h.update(canonical_param_name(name).encode())
+            h.update(p.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
 
 def canonical_param_name(name: str) -> str:

@@ -1,6 +1,6 @@
 """Tracers: where in the model does a fact live? Each tracer is one module; shared pieces are in ``common``."""
 
-from mechedit.tracing.causal_trace import (
+from mechedit.tracing.causal import (
     CausalTraceConfig,
     CausalTraceResult,
     causal_trace,

@@ -60,9 +60,9 @@ def prepare_prompt(model: LoadedModel, prompt: str, subject: str, target: str | 
         subject: a substring of ``prompt``; its *last* occurrence is the one traced (see
             :func:`find_subject_range`).
         target: the answer to score. ``None`` takes the model's own greedy next token. A string is encoded
-            without BOS; when the prompt does not end in whitespace and the target does not start with it, a
-            leading space is added first (``"Paris"`` after ``"born in"`` is scored as ``" Paris"``, the way
-            a BPE tokenizer sees the next word).
+            without BOS, with a leading space added where the next word would have one (see
+            :func:`needs_space`): ``"Paris"`` after ``"born in"`` is scored as ``" Paris"``, ``"4"`` after
+            ``"2+2="`` as ``"4"``.
     """
     ids = model.encode(prompt)
     tokens = model.token_strings(ids)
@@ -81,16 +81,29 @@ def prepare_prompt(model: LoadedModel, prompt: str, subject: str, target: str | 
 
 
 def encode_target(model: LoadedModel, prompt: str, target: str) -> list[int]:
-    """Token ids of ``target`` as a continuation of ``prompt`` (no BOS; leading space rule of
-    :func:`prepare_prompt`)."""
+    """Token ids of ``target`` as a continuation of ``prompt`` (no BOS; leading space by :func:`needs_space`)."""
     if not isinstance(target, str) or not target.strip():
         raise InputError("the target is empty; pass the answer to score, or None for the model's own top token")
-    if not prompt[-1:].isspace() and not target[:1].isspace():
+    if needs_space(prompt, target):
         target = " " + target
     ids = model.tokenizer(target, add_special_tokens=False)["input_ids"]
     if not ids:
         raise InputError(f"the target {target!r} encodes to no tokens")
     return list(ids)
+
+
+# After these characters the next token carries no leading space ("2+2=" -> "4", "(" -> "a").
+_NO_SPACE_AFTER = set("=+-*/^([{\"'`$#@<")
+
+
+def needs_space(prompt: str, target: str) -> bool:
+    """Whether ``target`` continues ``prompt`` as a new space-separated word: not when the prompt already ends
+    in whitespace or in one of ``= + - * / ^ ( [ { " ' ` $ # @ <``, nor when the target starts with
+    whitespace. CounterFact-style targets (``"Paris"`` after ``"... is located in"``) get the space, as ROME
+    scores them; sums (``"4"`` after ``"2+2="``) do not."""
+    if not prompt or prompt[-1].isspace() or prompt[-1] in _NO_SPACE_AFTER:
+        return False
+    return not target[:1].isspace()
 
 
 def find_subject_range(tokens: Sequence[str], subject: str) -> tuple[int, int]:

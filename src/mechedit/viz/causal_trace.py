@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import plotly.graph_objects as go
 
-    from mechedit.tracing.causal_trace import CausalTraceResult
+    from mechedit.tracing.causal import CausalTraceResult
 
 _SPACING = 0.1  # gap between panels (paper fraction)
 

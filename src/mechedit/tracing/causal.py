@@ -50,16 +50,18 @@ its tokens' probabilities, each given the prompt and the answer tokens before it
 
 from __future__ import annotations
 
-import json
+
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from typing import ClassVar
+
 
 import torch
 
 from mechedit.errors import DataFormatError, InputError
 from mechedit.model import LoadedModel
+from mechedit.results import JsonResult
 from mechedit.sites import HOOKS, Site
 from mechedit.tracing.common import (
     HookFn, Prompt, answer_prob, clean_run, draw_noise, hooks, noise_scale, prepare_prompt,
@@ -136,8 +138,10 @@ def resolve_noise(model: LoadedModel, config: CausalTraceConfig, subject: str) -
 
 
 @dataclass(frozen=True, eq=False)
-class CausalTraceResult:
-    """What :func:`causal_trace` found for one prompt."""
+class CausalTraceResult(JsonResult):
+    """What :func:`causal_trace` found for one prompt. ``save``/``load`` come from :class:`JsonResult`."""
+
+    FORMAT: ClassVar[str] = FORMAT
 
     prompt: str
     subject: str
@@ -190,7 +194,6 @@ class CausalTraceResult:
     # -- persistence ------------------------------------------------------------------------------------------
     def to_json_dict(self) -> dict:
         return {
-            "format": FORMAT,
             "prompt": self.prompt, "subject": self.subject, "tokens": list(self.tokens),
             "subject_range": list(self.subject_range), "answer": self.answer, "answer_ids": list(self.answer_ids),
             "low_score": self.low_score, "high_score": self.high_score,
@@ -201,30 +204,14 @@ class CausalTraceResult:
 
     @classmethod
     def from_json_dict(cls, d: dict) -> "CausalTraceResult":
-        if d.get("format") != FORMAT:
-            raise DataFormatError(f"not a causal trace result (format {d.get('format')!r}, expected {FORMAT!r})")
-        try:
-            return cls(
+        return cls(
                 prompt=d["prompt"], subject=d["subject"], tokens=list(d["tokens"]),
                 subject_range=tuple(d["subject_range"]), answer=d["answer"], answer_ids=list(d["answer_ids"]),
                 low_score=float(d["low_score"]), high_score=float(d["high_score"]),
                 scores={k: torch.tensor(v, dtype=torch.float32) for k, v in d["scores"].items()},
                 config=CausalTraceConfig.from_dict(d["config"]), noise_scale=float(d["noise_scale"]),
-                model_name=d["model_name"], model_fingerprint=d["model_fingerprint"], extra=d.get("extra", {}),
-            )
-        except KeyError as e:
-            raise DataFormatError(f"causal trace result: missing field {e.args[0]!r}") from e
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json_dict()))
-
-    @classmethod
-    def load(cls, path: str | Path) -> "CausalTraceResult":
-        try:
-            d = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as e:
-            raise DataFormatError(f"{path}: not JSON ({e})") from e
-        return cls.from_json_dict(d)
+            model_name=d["model_name"], model_fingerprint=d["model_fingerprint"], extra=d.get("extra", {}),
+        )
 
     def _kind(self, kind: str) -> torch.Tensor:
         if kind not in self.scores:
