@@ -1,0 +1,142 @@
+"""Loading: every supported architecture through one handle; architecture facts; clear errors."""
+
+import json
+
+import pytest
+import torch
+
+import mechedit
+from mechedit.errors import InputError, ModelLoadError, SiteError
+from mechedit.model import canonical_param_name
+from conftest import TINY_ARCHS
+
+EXPECTED = {  # architecture -> (mlp_out module class, conv1d, kv heads)
+    "gpt2": ("Conv1D", True, 4),
+    "llama": ("Linear", False, 2),
+    "qwen2": ("Linear", False, 2),
+    "gpt_neox": ("Linear", False, 4),
+}
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_load_each_architecture(tiny_dir, arch):
+    m = mechedit.load(tiny_dir(arch))
+    cls, conv1d, kv = EXPECTED[arch]
+    assert m.architecture == arch
+    assert (m.n_layers, m.n_heads, m.n_kv_heads, m.d_model) == (3, 4, kv, 32)
+    assert m.d_head == 8 and m.conv1d is conv1d
+    assert type(m.module(1, "mlp_out")).__name__ == cls
+    assert type(m.module(0, "attn_out")).__name__ == cls
+    # bridge and HF model share weights and agree
+    ids = torch.tensor([m.encode("The river is near the bridge.")])
+    with torch.no_grad():
+        assert torch.allclose(m.bridge(ids), m.hf_model(ids).logits, atol=1e-4)
+    info = m.info()
+    assert info["path"] == str(tiny_dir(arch)) and info["architecture"] == arch
+    assert info["modules_layer0"]["mlp_out"] == m.module_name(0, "mlp_out")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_in_place_edit_is_seen_by_bridge(tiny_dir, arch):
+    m = mechedit.load(tiny_dir(arch))
+    ids = torch.tensor([m.encode("Hello there")])
+    fp = m.fingerprint()
+    with torch.no_grad():
+        before = m.bridge(ids).clone()
+        w = m.module(1, "mlp_out").weight
+        saved = w.clone()
+        w.add_(0.5)
+        after = m.bridge(ids)
+        assert not torch.allclose(before, after)
+        assert torch.allclose(after, m.hf_model(ids).logits, atol=1e-4)
+        assert m.fingerprint() != fp
+        w.copy_(saved)
+    assert m.fingerprint() == fp
+
+
+def test_parameter_names_are_canonical():
+    assert canonical_param_name("model.layers.0._original_component.mlp._original_component.down_proj."
+                                "_original_component.weight") == "model.layers.0.mlp.down_proj.weight"
+
+
+def test_site_validation_through_model(tiny_dir):
+    m = mechedit.load(tiny_dir("qwen2"))
+    assert m.site("blocks.2.attn.hook_z[head=3]").head == 3
+    with pytest.raises(SiteError, match="layer 3 is out of range"):
+        m.site("blocks.3.hook_mlp_out")
+    with pytest.raises(SiteError, match="2 key/value heads"):
+        m.site("blocks.0.attn.hook_v[head=2]")
+
+
+def test_bad_module_requests(tiny_dir):
+    m = mechedit.load(tiny_dir("gpt2"))
+    with pytest.raises(InputError, match="no module kind 'attn_q'"):
+        m.module(0, "attn_q")  # GPT-2 fuses q/k/v
+    with pytest.raises(InputError, match="out of range"):
+        m.module(7, "mlp_out")
+
+
+def test_encode_rejects_empty_and_too_long(tiny_dir):
+    m = mechedit.load(tiny_dir("llama"))
+    with pytest.raises(InputError, match="empty"):
+        m.encode("   ")
+    with pytest.raises(InputError, match="context"):
+        m.encode("word " * 200)
+
+
+@pytest.mark.parametrize("arg,msg", [
+    ("/no/such/dir", "no model directory"),
+    ("no-such-org/no-such-model", "HuggingFace hub"),
+])
+def test_load_errors(arg, msg, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match=msg):
+        mechedit.load(arg)
+
+
+def test_load_dir_without_config(tmp_path):
+    with pytest.raises(ModelLoadError, match="not an HF model directory"):
+        mechedit.load(tmp_path)
+
+
+def test_unsupported_architecture(tmp_path, tokenizer_dir):
+    import transformers as tf
+
+    cfg = tf.BloomConfig(vocab_size=100, hidden_size=16, n_layer=1, n_head=2)
+    tf.BloomForCausalLM(cfg).save_pretrained(tmp_path)
+    tf.AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="not supported"):
+        mechedit.load(tmp_path)
+
+
+def test_info_cli_json(tiny_dir):
+    from typer.testing import CliRunner
+
+    from mechedit.cli import app
+
+    res = CliRunner().invoke(app, ["info", "--model", str(tiny_dir("llama")), "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output)
+    assert {"path", "architecture", "n_layers", "n_heads", "d_model"} <= set(d)
+    assert d["n_layers"] == 3
+
+
+def test_cli_bad_model_is_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from mechedit.cli import app
+
+    res = CliRunner().invoke(app, ["info", "--model", str(tmp_path / "nope")])
+    assert res.exit_code == 2
+    assert "error: no model directory" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_import_does_nothing():
+    import subprocess
+    import sys
+
+    code = ("import sys, logging; import mechedit; "
+            "assert 'torch' not in sys.modules, 'import mechedit imported torch'; "
+            "assert not logging.getLogger().handlers")
+    subprocess.run([sys.executable, "-c", code], check=True)
