@@ -9,16 +9,34 @@ from mechedit.tracing.causal import (
     window_layers,
 )
 from mechedit.tracing.common import Prompt, find_subject_range, hooks, live_hooks, noise_scale, prepare_prompt
+from mechedit.tracing.gradients import GradientNormConfig, GradientNormResult, gradient_norms
+from mechedit.tracing.lens import LogitLensConfig, LogitLensResult, logit_lens
+from mechedit.tracing.magnitudes import (
+    DEFAULT_BASELINE_PROMPTS,
+    MagnitudeConfig,
+    MagnitudeResult,
+    activation_magnitudes,
+)
 
 __all__ = [
     "CausalTraceConfig",
     "CausalTraceResult",
+    "DEFAULT_BASELINE_PROMPTS",
+    "GradientNormConfig",
+    "GradientNormResult",
+    "LogitLensConfig",
+    "LogitLensResult",
+    "MagnitudeConfig",
+    "MagnitudeResult",
     "Prompt",
+    "activation_magnitudes",
     "causal_trace",
     "causal_trace_reference",
     "find_subject_range",
+    "gradient_norms",
     "hooks",
     "live_hooks",
+    "logit_lens",
     "noise_scale",
     "prepare_prompt",
     "trace_restore_set",

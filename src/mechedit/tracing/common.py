@@ -32,10 +32,10 @@ class Prompt:
     """A prompt as a tracer reads it."""
 
     text: str
-    subject: str
+    subject: str | None  # None for tracers that need no subject (logit lens, gradient norms)
     ids: tuple[int, ...]  # prompt token ids as the model reads them (BOS included when the tokenizer adds one)
     tokens: tuple[str, ...]  # each prompt token decoded on its own
-    subject_range: tuple[int, int]  # [start, end) token positions of the subject in ``ids``
+    subject_range: tuple[int, int] | None  # [start, end) token positions of the subject in ``ids``; None without one
     answer_ids: tuple[int, ...]  # the answer's tokens (at least one)
     answer: str  # the answer decoded
 
@@ -51,14 +51,15 @@ class Prompt:
         return list(range(n - 1, n - 1 + len(self.answer_ids)))
 
 
-def prepare_prompt(model: LoadedModel, prompt: str, subject: str, target: str | None = None) -> Prompt:
+def prepare_prompt(model: LoadedModel, prompt: str, subject: str | None, target: str | None = None) -> Prompt:
     """Tokenize ``prompt``, find ``subject``'s tokens in it, and fix the answer.
 
     Args:
         prompt: the text the model reads (``model.encode`` adds BOS where the tokenizer does, and rejects an
             empty prompt or one longer than the context).
         subject: a substring of ``prompt``; its *last* occurrence is the one traced (see
-            :func:`find_subject_range`).
+            :func:`find_subject_range`). ``None`` for tracers that need no subject: ``subject`` and
+            ``subject_range`` of the result are then None.
         target: the answer to score. ``None`` takes the model's own greedy next token. A string is encoded
             without BOS, with a leading space added where the next word would have one (see
             :func:`needs_space`): ``"Paris"`` after ``"born in"`` is scored as ``" Paris"``, ``"4"`` after
@@ -66,7 +67,7 @@ def prepare_prompt(model: LoadedModel, prompt: str, subject: str, target: str | 
     """
     ids = model.encode(prompt)
     tokens = model.token_strings(ids)
-    start, end = find_subject_range(tokens, subject)
+    subject_range = find_subject_range(tokens, subject) if subject is not None else None
     if target is None:
         with torch.no_grad():
             logits = model.bridge(torch.tensor([ids], device=model.device))  # (1, T, V)
@@ -76,7 +77,7 @@ def prepare_prompt(model: LoadedModel, prompt: str, subject: str, target: str | 
     if len(ids) + len(answer_ids) - 1 > model.n_ctx:
         raise InputError(f"the prompt ({len(ids)} tokens) and the answer ({len(answer_ids)} tokens) together "
                          f"exceed the model's context of {model.n_ctx} tokens")
-    return Prompt(text=prompt, subject=subject, ids=tuple(ids), tokens=tuple(tokens), subject_range=(start, end),
+    return Prompt(text=prompt, subject=subject, ids=tuple(ids), tokens=tuple(tokens), subject_range=subject_range,
                   answer_ids=tuple(answer_ids), answer=model.tokenizer.decode(answer_ids))
 
 
