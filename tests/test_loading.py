@@ -140,3 +140,17 @@ def test_import_does_nothing():
             "assert 'torch' not in sys.modules, 'import mechedit imported torch'; "
             "assert not logging.getLogger().handlers")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_architecture_table_paths_resolve(tiny_dir, arch):
+    """Every module the table names exists in the loaded (bridged) model."""
+    from mechedit.model import resolve_module
+
+    m = mechedit.load(tiny_dir(arch))
+    for path in (m.arch.embed, m.arch.final_norm, m.arch.unembed):
+        assert isinstance(resolve_module(m.hf_model, path), torch.nn.Module), path
+    for layer in range(m.n_layers):
+        for kind, rel in m.arch.modules().items():
+            if rel is not None:
+                assert hasattr(m.module(layer, kind), "weight"), (layer, kind)

@@ -66,7 +66,7 @@ register_architecture(ArchSpec(
 ))
 register_architecture(ArchSpec(
     model_type="gpt_neox", layers="gpt_neox.layers", embed="gpt_neox.embed_in", final_norm="gpt_neox.final_layer_norm",
-    unembed="embed_out", attn_q=None, attn_k=None, attn_v=None, attn_qkv="attention.query_key_value",
+    unembed="lm_head", attn_q=None, attn_k=None, attn_v=None, attn_qkv="attention.query_key_value",
     attn_out="attention.dense", mlp_in=("mlp.dense_h_to_4h",), mlp_out="mlp.dense_4h_to_h",
 ))
 
