@@ -8,6 +8,7 @@ from mechedit.tracing.causal import (
     trace_restore_set,
     window_layers,
 )
+from mechedit.tracing.attribution import AgreementReport, AttributionResult, agreement, attribution_patching
 from mechedit.tracing.common import Prompt, find_subject_range, hooks, live_hooks, noise_scale, prepare_prompt
 from mechedit.tracing.gradients import GradientNormConfig, GradientNormResult, gradient_norms
 from mechedit.tracing.lens import LogitLensConfig, LogitLensResult, logit_lens
@@ -17,19 +18,28 @@ from mechedit.tracing.magnitudes import (
     MagnitudeResult,
     activation_magnitudes,
 )
+from mechedit.tracing.patching import Hit, PatchingConfig, PatchingResult, activation_patching
 
 __all__ = [
+    "AgreementReport",
+    "AttributionResult",
     "CausalTraceConfig",
     "CausalTraceResult",
     "DEFAULT_BASELINE_PROMPTS",
     "GradientNormConfig",
     "GradientNormResult",
+    "Hit",
     "LogitLensConfig",
     "LogitLensResult",
     "MagnitudeConfig",
     "MagnitudeResult",
+    "PatchingConfig",
+    "PatchingResult",
     "Prompt",
     "activation_magnitudes",
+    "activation_patching",
+    "agreement",
+    "attribution_patching",
     "causal_trace",
     "causal_trace_reference",
     "find_subject_range",
