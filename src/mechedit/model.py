@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -55,6 +55,7 @@ class LoadedModel:
     d_vocab: int
     n_ctx: int
     tied_embeddings: bool
+    _fingerprint_cache: tuple | None = field(default=None, repr=False, compare=False)
 
     # -- facts ----------------------------------------------------------------------------------------------
     @property
@@ -117,12 +118,20 @@ class LoadedModel:
 
     def fingerprint(self) -> str:
         """A short hash of every weight as they are now: identifies "the same model" for saved edits and cached
-        statistics. Computed afresh on each call (one pass over the weights), so it follows in-place edits."""
+        statistics. Cached against the tensors' in-place version counters, so it follows in-place edits and
+        costs one pass over the weights only when something changed. (Writes through ``param.data`` bypass
+        the counters; mechedit edits never use it.)"""
+        state = self.hf_model.state_dict()
+        versions = tuple((id(t), t._version) for t in state.values())
+        if self._fingerprint_cache is not None and self._fingerprint_cache[0] == versions:
+            return self._fingerprint_cache[1]
         h = hashlib.sha256()
-        for name, p in sorted(self.hf_model.state_dict().items()):
+        for name, p in sorted(state.items()):
             h.update(canonical_param_name(name).encode())
             h.update(p.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
+        digest = h.hexdigest()[:16]
+        self._fingerprint_cache = (versions, digest)
+        return digest
 
 
 def canonical_param_name(name: str) -> str:
