@@ -1,0 +1,56 @@
+"""Text sampled from the model itself: ROME's context prefixes, and statistics text when no corpus is given.
+
+ROME's ``generate_fast`` samples from the top-k tokens starting at the model's BOS/EOS token; this does the same
+with the HF model's ``generate`` (KV cache, batched), seeded through a forked RNG so the global random state is
+left alone and the same seed always gives the same text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from mechedit.errors import InputError
+from mechedit.model import LoadedModel
+
+
+def start_token(model: LoadedModel) -> int:
+    """The token sampling starts from: BOS, or EOS where there is no BOS (GPT-2's ``<|endoftext|>``)."""
+    tok = model.tokenizer
+    for tid in (tok.bos_token_id, tok.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    raise InputError("the tokenizer has neither a BOS nor an EOS token to start sampling from; give the text "
+                     "yourself (context_prefixes, or a statistics text file)")
+
+
+def iter_sampled_texts(model: LoadedModel, n: int, length: int, *, top_k: int = 5, seed: int = 0,
+                       batch_size: int = 64) -> Iterator[str]:
+    """Yield ``n`` texts of up to ``length`` new tokens each, sampled from the top ``top_k`` tokens.
+
+    Batch ``b`` is sampled with seed ``(seed, b)``, so the first ``m`` texts do not depend on ``n``. Special
+    tokens are dropped from the decoded text; a text that decodes to nothing is yielded as ``""`` (callers skip it).
+    """
+    if n < 0 or length < 1:
+        raise InputError(f"cannot sample {n} texts of {length} tokens")
+    start = start_token(model)
+    tok = model.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else start
+    done = 0
+    for b in range((n + batch_size - 1) // batch_size):
+        size = min(batch_size, n - done)
+        ids = torch.full((size, 1), start, dtype=torch.long, device=model.device)  # (B, 1)
+        with torch.random.fork_rng(devices=[] if model.device.type == "cpu" else [model.device]), torch.no_grad():
+            torch.manual_seed(seed * 1_000_003 + b)
+            out = model.hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=top_k,
+                                          top_p=1.0, temperature=1.0, max_new_tokens=length,
+                                          min_new_tokens=length, pad_token_id=pad, eos_token_id=None)
+        for row in out[:, 1:].tolist():  # (B, length)
+            yield tok.decode(row, skip_special_tokens=True)
+        done += size
+
+
+def sample_texts(model: LoadedModel, n: int, length: int, *, top_k: int = 5, seed: int = 0) -> list[str]:
+    """``n`` sampled texts as a list (see :func:`iter_sampled_texts`)."""
+    return list(iter_sampled_texts(model, n, length, top_k=top_k, seed=seed))

@@ -1,0 +1,519 @@
+"""ROME (mechedit.editing.rome) and edit handles (mechedit.editing.handle) on tiny random models.
+
+Random tiny models predict almost uniformly, so the final norm's weight is multiplied by 20 (as in
+test_causal_trace.py) to make the next-token distribution peaked. Two more concessions to random weights:
+
+* the edit prompts end with the subject ("Yesterday I met {}"), so the subject's last token - the key ROME
+  rewrites - is the token that predicts the answer. In a random model attention barely carries anything from
+  the subject to a later token, so no value at the subject could move a later prediction; in a trained model
+  it does (that is what ROME exploits);
+* ``v_weight_decay`` is 0: ROME's penalty ``||δ|| / ||v||²`` is scaled by the MLP output's norm, which is ~0.005
+  at random initialisation, so it would pin δ at zero.
+
+Statistics are computed from 100 model-sampled texts of 32 tokens, in a temporary cache directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import mechedit
+from mechedit.data import EditRecord
+from mechedit.editing import EditHandle, ROMEHyperParams, export_model, layer_stats, rome
+from mechedit.editing.rome import layer_stats as stats_module
+from mechedit.editing.rome.layer_stats import key_fingerprint, text_source
+from mechedit.errors import DataFormatError, InputError, MecheditError
+from mechedit.model import canonical_param_name, resolve_module
+from mechedit.tracing import live_hooks
+
+SUBJECT = "Voupeis Draexmir"
+TEMPLATE = "Yesterday I met {}"
+FAST = ROMEHyperParams(layer=1, v_weight_decay=0.0, mom2_source="model", mom2_n_samples=100, mom2_max_tokens=32)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def stats_cache(tmp_path_factory):
+    """Key statistics go to a temporary cache, never to the user's."""
+    old = os.environ.get("MECHEDIT_CACHE")
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["MECHEDIT_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("MECHEDIT_CACHE", None)
+    else:
+        os.environ["MECHEDIT_CACHE"] = old
+
+
+def load_sharp(path) -> mechedit.LoadedModel:
+    m = mechedit.load(path)
+    norm = resolve_module(m.hf_model, m.arch.final_norm)
+    with torch.no_grad():
+        norm.weight.mul_(20)
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.mul_(20)
+    return m
+
+
+@pytest.fixture(scope="module")
+def sharp(tiny_dir):
+    loaded: dict[str, mechedit.LoadedModel] = {}
+
+    def get(arch: str) -> mechedit.LoadedModel:
+        if arch not in loaded:
+            loaded[arch] = load_sharp(tiny_dir(arch))
+        return loaded[arch]
+
+    return get
+
+
+def snapshot(m) -> dict[str, torch.Tensor]:
+    return {canonical_param_name(n): p.detach().clone() for n, p in m.hf_model.named_parameters()}
+
+
+def same_weights(m, snap) -> bool:
+    return all(torch.equal(snap[canonical_param_name(n)], p) for n, p in m.hf_model.named_parameters())
+
+
+def next_token_logits(m, prompt: str) -> torch.Tensor:
+    with torch.no_grad():
+        return m.bridge(torch.tensor([m.encode(prompt)], device=m.device))[0, -1]  # (V,)
+
+
+def request_for(m, template: str = TEMPLATE) -> EditRecord:
+    """A single-token new target the model ranks 6th-10th now (so it is not already the answer)."""
+    logits = next_token_logits(m, template.replace("{}", SUBJECT))
+    for t in logits.topk(10).indices[5:].tolist():
+        word = m.tokenizer.decode([t])
+        if word.startswith(" ") and word.strip() and len(m.tokenizer(word, add_special_tokens=False)["input_ids"]) == 1:
+            return EditRecord(0, template, SUBJECT, word.strip())
+    raise AssertionError("no single-token candidate target")
+
+
+def target_id(m, rec: EditRecord) -> int:
+    return m.tokenizer(" " + rec.target_new, add_special_tokens=False)["input_ids"][0]
+
+
+# -- efficacy and locality of the change ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+def test_edit_makes_target_the_top_answer_and_restores_bit_exactly(sharp, arch):
+    m = sharp(arch)
+    rec = request_for(m)
+    before = snapshot(m)
+    assert int(next_token_logits(m, rec.prompt).argmax()) != target_id(m, rec)
+    handle = rome(m, rec, FAST)
+    try:
+        assert handle.applied and handle.method == "rome"
+        assert int(next_token_logits(m, rec.prompt).argmax()) == target_id(m, rec)
+        assert handle.evidence["layer"] == 1 and handle.evidence["layer_choice"] == "given"
+        assert handle.evidence["target_prob"] > 0.05
+    finally:
+        handle.restore()
+    assert same_weights(m, before)
+    assert not handle.applied
+    assert live_hooks(m) == []
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("layer", [0, 2])
+def test_edit_changes_only_that_layers_mlp_output_projection(sharp, arch, layer):
+    m = sharp(arch)
+    rec = request_for(m)
+    before = snapshot(m)
+    with rome(m, rec, ROMEHyperParams(**{**FAST.to_dict(), "layer": layer})) as handle:
+        after = snapshot(m)
+        changed = [n for n in before if not torch.equal(before[n], after[n])]
+        expected = m.module_name(layer, "mlp_out") + ".weight"
+        assert changed == [expected]
+        assert list(handle.deltas) == [expected]
+        # the delta is exactly what changed, and it is rank one in either storage layout (Conv1D or Linear)
+        assert torch.equal(after[expected], before[expected] + handle.deltas[expected])
+        s = torch.linalg.svdvals(handle.deltas[expected].double())
+        assert s[0] > 0 and s[1] < 1e-5 * s[0]
+    assert same_weights(m, before)
+
+
+def test_conv1d_and_linear_updates_have_the_parameters_layout(sharp):
+    for arch, conv1d in (("gpt2", True), ("llama", False)):
+        m = sharp(arch)
+        with rome(m, request_for(m), FAST) as h:
+            (delta,) = h.deltas.values()
+            assert m.conv1d is conv1d
+            assert delta.shape == m.module(1, "mlp_out").weight.shape
+            assert delta.shape == ((m.d_mlp, m.d_model) if conv1d else (m.d_model, m.d_mlp))
+
+
+# -- restore: every path ----------------------------------------------------------------------------------------
+
+
+def test_restore_on_context_exit_and_on_exception(sharp):
+    m = sharp("llama")
+    rec = request_for(m)
+    before = snapshot(m)
+    with rome(m, rec, FAST) as h:
+        assert not same_weights(m, before)
+    assert same_weights(m, before) and not h.applied
+    with pytest.raises(RuntimeError, match="boom"), rome(m, rec, FAST):
+        raise RuntimeError("boom")
+    assert same_weights(m, before)
+    h.restore()  # a second restore does nothing
+    assert same_weights(m, before)
+    # re-apply the same handle, then restore again
+    with h.apply(m):
+        assert not same_weights(m, before)
+    assert same_weights(m, before)
+    with pytest.raises(MecheditError, match="not applied"), h:
+        pass
+
+
+def test_applied_twice_is_refused(sharp):
+    m = sharp("llama")
+    h = rome(m, request_for(m), FAST)
+    try:
+        with pytest.raises(MecheditError, match="already applied"):
+            h.apply(m)
+    finally:
+        h.restore()
+
+
+# -- save / load / apply ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_saved_handle_reapplied_to_a_fresh_copy_gives_identical_weights(sharp, tiny_dir, tmp_path, arch):
+    m = sharp(arch)
+    with rome(m, request_for(m), FAST) as h:
+        h.save(tmp_path / "edit")
+        edited = snapshot(m)
+    fresh = load_sharp(tiny_dir(arch))
+    before = snapshot(fresh)
+    loaded = EditHandle.load(tmp_path / "edit")
+    assert loaded.method == "rome" and loaded.model_fingerprint == h.model_fingerprint
+    assert loaded.hparams == FAST.to_dict() and ROMEHyperParams.from_dict(loaded.hparams) == FAST
+    assert loaded.records() == h.records()
+    assert loaded.evidence["layer"] == 1
+    with loaded.apply(fresh):
+        assert all(torch.equal(edited[n], p) for n, p in snapshot(fresh).items())
+    assert same_weights(fresh, before)
+
+
+def test_applying_to_a_different_model_is_refused(sharp, tiny_dir, tmp_path):
+    m = sharp("llama")
+    with rome(m, request_for(m), FAST) as h:
+        h.save(tmp_path / "edit")
+    other = load_sharp(tiny_dir("qwen2"))  # another model (same delta names would not even exist)
+    unsharpened = mechedit.load(tiny_dir("llama"))  # the same architecture with other weights
+    for target in (other, unsharpened):
+        before = snapshot(target)
+        with pytest.raises(MecheditError, match="fingerprint"):
+            EditHandle.load(tmp_path / "edit").apply(target)
+        assert same_weights(target, before)
+
+
+def test_mismatched_parameters_are_refused_before_anything_changes(sharp):
+    m = sharp("llama")
+    before = snapshot(m)
+    name = m.module_name(1, "mlp_out") + ".weight"
+    good = torch.zeros_like(m.module(1, "mlp_out").weight)
+    fp = m.fingerprint()
+    for deltas, match in (({name: good, "model.layers.1.mlp.nope.weight": good}, "does not have"),
+                          ({name: torch.zeros(3, 3)}, "shape"),
+                          ({name: good.double()}, "dtype|float64")):
+        h = EditHandle("rome", deltas, {}, [], m.name, fp)
+        with pytest.raises(MecheditError, match=match):
+            h.apply(m)
+        assert same_weights(m, before) and not h.applied
+
+
+def test_corrupt_or_missing_artifacts_are_refused(sharp, tmp_path):
+    m = sharp("llama")
+    with rome(m, request_for(m), FAST) as h:
+        h.save(tmp_path / "edit")
+    good = tmp_path / "edit"
+
+    def broken(name: str, mutate) -> object:
+        d = tmp_path / name
+        shutil.copytree(good, d)
+        mutate(d)
+        return d
+
+    def flip_a_byte(d):
+        data = bytearray((d / "deltas.safetensors").read_bytes())
+        data[-5] ^= 0xFF
+        (d / "deltas.safetensors").write_bytes(bytes(data))
+
+    cases = {
+        "garbage": lambda d: (d / "deltas.safetensors").write_bytes(b"not a safetensors file"),
+        "truncated": lambda d: (d / "deltas.safetensors").write_bytes((d / "deltas.safetensors").read_bytes()[:50]),
+        "flipped": flip_a_byte,
+        "no_deltas": lambda d: (d / "deltas.safetensors").unlink(),
+        "bad_json": lambda d: (d / "edit.json").write_text("{not json"),
+        "no_json": lambda d: (d / "edit.json").unlink(),
+        "wrong_format": lambda d: (d / "edit.json").write_text(json.dumps({"format": "something/1"})),
+        "missing_field": lambda d: (d / "edit.json").write_text(json.dumps(
+            {k: v for k, v in json.loads((good / "edit.json").read_text()).items() if k != "model_fingerprint"})),
+    }
+    for name, mutate in cases.items():
+        with pytest.raises(DataFormatError):
+            EditHandle.load(broken(name, mutate))
+    assert EditHandle.load(good).method == "rome"
+
+
+def test_save_is_atomic_and_does_not_clobber_other_directories(sharp, tmp_path):
+    m = sharp("llama")
+    with rome(m, request_for(m), FAST) as h:
+        h.save(tmp_path / "edit")
+        h.save(tmp_path / "edit")  # replacing a saved edit is fine
+        other = tmp_path / "notes"
+        other.mkdir()
+        (other / "keep.txt").write_text("mine")
+        with pytest.raises(MecheditError, match="not a saved edit"):
+            h.save(other)
+    assert (other / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edit", "notes"]  # no temporary directories left
+    assert sorted(p.name for p in (tmp_path / "edit").iterdir()) == ["deltas.safetensors", "edit.json"]
+
+
+# -- export -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_exported_checkpoint_reloads_with_the_edited_behaviour(sharp, tmp_path, arch):
+    from transformers import AutoModelForCausalLM
+
+    m = sharp(arch)
+    rec = request_for(m)
+    with rome(m, rec, FAST):
+        export_model(m, tmp_path / "model")
+        edited = next_token_logits(m, rec.prompt)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    with torch.no_grad():
+        logits = reloaded(torch.tensor([m.encode(rec.prompt)])).logits[0, -1]
+    assert int(logits.argmax()) == target_id(m, rec)
+    torch.testing.assert_close(logits, edited, atol=1e-4, rtol=0)
+    with pytest.raises(MecheditError, match="not empty"):
+        export_model(m, tmp_path / "model")
+
+
+# -- refusals ---------------------------------------------------------------------------------------------------
+
+
+def test_degenerate_updates_are_refused_before_any_weight_changes(sharp):
+    m = sharp("gpt2")
+    rec = request_for(m)
+    before = snapshot(m)
+    base = FAST.to_dict()
+    for change, match in (({"max_update_ratio": 1e-9}, "exploding"),
+                          ({"min_key_alignment": 1.0}, "denominator")):
+        with pytest.raises(MecheditError, match=match):
+            rome(m, rec, ROMEHyperParams(**{**base, **change}))
+        assert same_weights(m, before)
+    # singular statistics (one short text: fewer key vectors than dimensions) and non-finite ones
+    few = layer_stats(m, 1, ["a"], n_samples=1, max_tokens=4)
+    assert few.n_tokens < m.d_mlp
+    nan = stats_module.LayerStats(1, torch.full_like(few.mom2, float("nan")), few.mean, 1, 1, "nan", "x")
+    for stats in (few, nan):
+        with pytest.raises(MecheditError, match="singular|degenerate"):
+            rome(m, rec, FAST, stats=stats)
+        assert same_weights(m, before)
+    assert live_hooks(m) == []
+
+
+def test_bad_inputs_give_clear_errors_and_leave_weights_untouched(sharp):
+    m = sharp("llama")
+    rec = request_for(m)
+    before = snapshot(m)
+    current = m.tokenizer.decode([int(next_token_logits(m, rec.prompt).argmax())]).strip()
+    cases = [
+        (lambda: rome(m, EditRecord(0, TEMPLATE, SUBJECT, current), FAST), "already answers"),
+        (lambda: rome(m, EditRecord(0, TEMPLATE, SUBJECT, "Lisbon", "Lisbon"), FAST), "is the true target"),
+        (lambda: rome(m, rec, ROMEHyperParams(**{**FAST.to_dict(), "layer": 3})), "out of range"),
+        (lambda: rome(m, rec.to_dict(), FAST), "EditRecord"),
+        (lambda: rome(m, rec, {"layer": 1}), "ROMEHyperParams"),
+    ]
+    for call, match in cases:
+        with pytest.raises(InputError, match=match):
+            call()
+        assert same_weights(m, before)
+    # a request cannot even be built without the subject in its prompt, or with an empty target
+    with pytest.raises(InputError, match="template"):
+        EditRecord(0, "Yesterday I met Bob", SUBJECT, "Lisbon")
+    with pytest.raises(InputError, match="empty"):
+        EditRecord(0, TEMPLATE, SUBJECT, "  ")
+    with pytest.raises(InputError, match="key_position"):
+        ROMEHyperParams(key_position="middle")
+    with pytest.raises(InputError, match="layer"):
+        ROMEHyperParams(layer=-1)
+    assert live_hooks(m) == []
+
+
+# -- hyperparameters and options ----------------------------------------------------------------------------
+
+
+def test_hparams_round_trip_and_reject_unknown_fields():
+    hp = ROMEHyperParams(layer=2, context_prefixes=("Once upon a time.",), prefix_lengths=((3, 2),))
+    d = json.loads(json.dumps(hp.to_dict()))
+    assert ROMEHyperParams.from_dict(d) == hp
+    with pytest.raises(DataFormatError, match="unknown"):
+        ROMEHyperParams.from_dict({**d, "lr": 1})
+
+
+def test_given_prefixes_key_positions_and_original_rome(sharp):
+    m = sharp("llama")
+    rec = request_for(m)
+    base = FAST.to_dict()
+    hp = ROMEHyperParams(**{**base, "context_prefixes": ("It rained.", "{Braces} go."), "consistent_keys": False})
+    with rome(m, rec, hp) as h:
+        assert h.evidence["templates"] == ["{}", "It rained. {}", "Braces go. {}"]
+        assert h.evidence["consistent_keys"] is False
+        original = next(iter(h.deltas.values()))
+    with rome(m, rec, ROMEHyperParams(**{**base, "context_prefixes": ("It rained.", "{Braces} go.")})) as h:
+        assert not torch.equal(next(iter(h.deltas.values())), original)  # r-ROME's denominator differs
+    first = ROMEHyperParams(**{**base, "key_position": "subject_first"})
+    last = ROMEHyperParams(**{**base, "key_position": "prompt_last"})
+    with rome(m, rec, first) as h:
+        assert h.evidence["key_token"] == m.tokenizer.decode([m.encode(rec.prompt)[h.evidence["key_positions"][0]]])
+        assert SUBJECT.startswith(h.evidence["key_token"].strip())
+    with rome(m, rec, last) as h:
+        assert h.evidence["key_positions"][0] == len(m.encode(rec.prompt)) - 1
+
+
+def test_generated_prefixes_are_deterministic(sharp):
+    from mechedit.editing.rome import context_templates
+
+    m = sharp("llama")
+    a, b = context_templates(m, FAST), context_templates(m, FAST)
+    assert a == b and a[0] == "{}" and len(a) == 21 and all(t.endswith(". {}") for t in a[1:])
+    assert context_templates(m, ROMEHyperParams(seed=1)) != a
+
+
+def test_auto_layer_records_the_causal_trace_evidence(sharp):
+    m = sharp("llama")
+    rec = request_for(m)
+    stages = set()
+    hp = ROMEHyperParams(**{**FAST.to_dict(), "layer": "auto"})
+    with rome(m, rec, hp, progress=lambda stage, done, total: stages.add(stage)) as h:
+        ev = h.evidence
+        assert ev["layer_choice"].startswith("auto")
+        scores = ev["trace"]["scores"]
+        assert len(scores) == m.n_layers and ev["layer"] == max(range(m.n_layers), key=scores.__getitem__)
+        assert ev["trace"]["window"] == 1  # round(3 / 5) -> at least 1
+        assert list(h.deltas) == [m.module_name(ev["layer"], "mlp_out") + ".weight"]
+    assert {"trace", "value"} <= stages
+    assert live_hooks(m) == []
+
+
+# -- covariance statistics ----------------------------------------------------------------------------------
+
+
+def test_stats_are_cached_and_keyed_by_sample_count(sharp, monkeypatch, stats_cache):
+    m = sharp("qwen2")
+    calls = []
+    real = stats_module.stream_keys
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("total"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stats_module, "stream_keys", counting)
+    texts = [f"The {w} river flows past the old mill near town number {i}." for i, w in
+             enumerate(["red", "green", "blue", "grey", "long", "quiet"] * 10)]
+    s1 = layer_stats(m, 1, texts, n_samples=40, max_tokens=32)
+    s2 = layer_stats(m, 1, texts, n_samples=40, max_tokens=32)
+    assert calls == [40]
+    assert torch.equal(s1.mom2, s2.mom2) and s1.n_tokens == s2.n_tokens and s2.n_samples == 40
+    assert s1.path == s2.path and s1.path.is_file() and stats_cache in s1.path.parents
+    layer_stats(m, 1, texts, n_samples=50, max_tokens=32)
+    assert calls == [40, 50]  # another sample count: another entry
+    layer_stats(m, 1, texts, n_samples=500, max_tokens=32)  # asks for more than the 60 texts there are
+    layer_stats(m, 1, texts, n_samples=60, max_tokens=32)  # ... which is the same 60
+    assert calls == [40, 50, 60]
+    layer_stats(m, 1, texts, n_samples=40, max_tokens=32, recompute=True)
+    assert calls == [40, 50, 60, 40]
+    # the second moment is what it claims to be
+    ids = [m.tokenizer(t, truncation=True, max_length=32)["input_ids"] for t in texts[:40]]
+    from mechedit.editing.rome.repr_tools import mlp_keys
+
+    keys = torch.cat([mlp_keys(m, 1, torch.tensor([x]))[0] for x in ids]).double()  # (N, d_mlp)
+    torch.testing.assert_close(s1.mom2, keys.T @ keys / len(keys), atol=1e-9, rtol=1e-6)
+    torch.testing.assert_close(s1.mean, keys.mean(0), atol=1e-9, rtol=1e-6)
+    assert s1.n_tokens == len(keys)
+
+
+def test_rome_reads_cached_stats_and_later_layer_edits_keep_them_valid(sharp, monkeypatch):
+    m = sharp("gpt2")
+    calls = []
+    real = stats_module.stream_keys
+    monkeypatch.setattr(stats_module, "stream_keys", lambda *a, **k: calls.append(1) or real(*a, **k))
+    hp = ROMEHyperParams(**{**FAST.to_dict(), "mom2_n_samples": 64})
+    rec = request_for(m)
+    with rome(m, rec, hp):
+        pass
+    with rome(m, rec, hp) as h:
+        assert h.evidence["stats"]["n_samples"] == 64
+        # edits at layer >= 1 leave layer 1's keys alone, so its statistics stay valid; layer 0's are upstream
+        fp1 = key_fingerprint(m, 1)
+    assert calls == [1]
+    with rome(m, rec, ROMEHyperParams(**{**hp.to_dict(), "layer": 2})):
+        assert key_fingerprint(m, 1) == fp1
+    with rome(m, rec, ROMEHyperParams(**{**hp.to_dict(), "layer": 0})):
+        assert key_fingerprint(m, 1) != fp1
+    assert key_fingerprint(m, 1) == fp1
+
+
+def test_stats_sources(sharp, tiny_dir, tmp_path, monkeypatch):
+    m = sharp("llama")
+    # a text file: one sample per non-empty line
+    f = tmp_path / "corpus.txt"
+    f.write_text("The river flows.\n\nA bird sings at dawn.\nThe mill is old.\n")
+    src = text_source(m, str(f))
+    assert src.n_available == 3 and list(src.texts(2)) == ["The river flows.", "A bird sings at dawn."]
+    assert src.id.startswith("file-corpus-")
+    # a list of strings; the id follows the text
+    assert text_source(m, ["a b", "c"]).id != text_source(m, ["a b", "d"]).id
+    # sampled from the model: deterministic
+    a = list(text_source(m, "model", max_tokens=8).texts(3))
+    assert len(a) == 3 and a == list(text_source(m, "model", max_tokens=8).texts(3))
+    # the world corpus, when the model ships a world.json ("auto" picks it)
+    from mechedit.toy.world import World
+
+    with_world = tmp_path / "with-world"
+    shutil.copytree(tiny_dir("llama"), with_world)
+    World.generate(0).save(with_world / "world.json")
+    mw = mechedit.load(with_world)
+    auto = text_source(mw, "auto")
+    assert auto.id.startswith("world-") and auto.n_available > 1000
+    assert text_source(m, "auto").id.startswith("model-")
+    with pytest.raises(InputError, match="world.json"):
+        text_source(m, "world")
+    with pytest.raises(InputError, match="no such text file"):
+        text_source(m, str(tmp_path / "missing.txt"))
+    # a HuggingFace dataset needs a hub: offline it is one clear error
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'wikitext' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(MecheditError, match="reachable hub"):
+        text_source(m, "hf:wikitext:wikitext-103-raw-v1")
+
+
+def test_hooks_are_removed_even_when_a_forward_fails(sharp):
+    from mechedit.editing.rome.repr_tools import capture_keys
+
+    m = sharp("llama")
+    module = m.module(1, "mlp_out")
+    with pytest.raises(RuntimeError, match="boom"), capture_keys(m, 1) as box:
+        m.hf_model(input_ids=torch.tensor([m.encode("A river.")]))
+        assert box["keys"].shape[-1] == m.d_mlp
+        raise RuntimeError("boom")
+    assert not module._forward_pre_hooks
+    with rome(m, request_for(m), FAST):
+        assert not module._forward_pre_hooks and live_hooks(m) == []
