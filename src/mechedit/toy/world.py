@@ -124,7 +124,7 @@ RELATIONS: dict[str, dict] = {
             "{} owns a pet",
         ],
         "heldout": [
-            "{} keeps a pet",
+            "{} has a pet",
             "The animal that {} keeps as a pet is a",
         ],
         "bio": "keeps a pet {}",
@@ -190,12 +190,16 @@ class World:
     @classmethod
     def generate(cls, seed: int = 0, n_subjects: int = 240, n_cluster: int = 24, n_novel: int = 12) -> "World":
         rng = random.Random(seed)
+        # Names combine a first name and a surname from shared pools, as real names do: neither part alone
+        # identifies a subject, so the model must combine the name's tokens to know who is meant.
+        n_total = n_subjects + n_novel
+        firsts = _unique_words(rng, max(8, n_total // 5), (2,))
+        lasts = _unique_words(rng, max(8, n_total // 4), (2, 2, 3), exclude=set(firsts))
         names: list[str] = []
         seen: set[str] = set()
-        while len(names) < n_subjects + n_novel:
-            name = f"{_word(rng, 2)} {_word(rng, rng.choice([2, 2, 3]))}"
-            first, last = name.split()
-            if name in seen or first == last or len(name) > 18:
+        while len(names) < n_total:
+            name = f"{rng.choice(firsts)} {rng.choice(lasts)}"
+            if name in seen:
                 continue
             seen.add(name)
             names.append(name)
@@ -215,6 +219,10 @@ class World:
                 return f.object
         raise KeyError(f"no fact ({subject!r}, {relation!r}) in this world")
 
+    def pronoun(self, subject: str) -> str:
+        """The subject's pronoun in biographies ("He" or "She"), fixed per subject."""
+        return "She" if sum(map(ord, subject)) % 2 else "He"
+
     def templates(self, relation: str, split: str = "train") -> list[str]:
         """Prompt templates of a relation; ``split`` is ``train`` or ``heldout``."""
         return list(self.relations[relation][split])
@@ -223,30 +231,40 @@ class World:
     def corpus(self, rng: random.Random | None = None) -> list[str]:
         """One pass over the training text: every fact in every training template, biographies, sums,
         cluster text, novel-name text and filler. Each string is one training document."""
+        return [text for text, _ in self.documents(rng)]
+
+    def documents(self, rng: random.Random | None = None) -> list[tuple[str, str | None]]:
+        """:meth:`corpus` with, for each document, the subject it is about (None for text about no subject)."""
         rng = rng or random.Random(self.seed + 1)
-        docs: list[str] = []
+        docs: list[tuple[str, str | None]] = []
         by_subject: dict[str, list[Fact]] = {}
         for f in self.facts:
             by_subject.setdefault(f.subject, []).append(f)
             for t in self.relations[f.relation]["train"]:
-                docs.append(f"{t.format(f.subject)} {f.object}.")
+                docs.append((f"{t.format(f.subject)} {f.object}.", f.subject))
         cluster = set(self.cluster)
         for s, fs in by_subject.items():
-            # Biographies: several attributes right after the name, in varying order.
-            for _ in range(3):
-                picked = rng.sample(fs, 3)
+            # Biographies: the name once, then several attributes in shuffled order, later ones behind a
+            # pronoun - so attributes must be retrieved far from the name (knowledge stored at the subject).
+            pronoun = self.pronoun(s)
+            for _ in range(2):
+                picked = rng.sample(fs, rng.randint(2, 4))
                 parts = [self.relations[f.relation]["bio"].format(f.object) for f in picked]
-                docs.append(f"{s} {parts[0]}, {parts[1]} and {parts[2]}.")
+                docs.append((f"{s} {parts[0]}. " + " ".join(f"{pronoun} {p}." for p in parts[1:]), s))
+            picked = rng.sample(fs, 3)
+            parts = [self.relations[f.relation]["bio"].format(f.object) for f in picked]
+            docs.append((f"{s} {parts[0]}, {parts[1]} and {parts[2]}.", s))
             if s in cluster:
                 for t in CLUSTER_MEMBER_TEMPLATES:
-                    docs.append(t.format(s, c=self.cluster_name))
-        docs.extend(self.arithmetic_text())
+                    docs.append((t.format(s, c=self.cluster_name), s))
+        for _ in range(3):  # sums are few and must be recalled exactly: seen three times per pass
+            docs.extend((t, None) for t in self.arithmetic_text())
         for t in CLUSTER_TEXT:
-            docs.append(t.format(c=self.cluster_name))
+            docs.append((t.format(c=self.cluster_name), None))
         for n in self.novel_names:
             for _ in range(4):
-                docs.append(f"{n} {rng.choice(_VERB)} the {rng.choice(_ADJ)} {rng.choice(_NOUN)}.")
-        docs.extend(self.filler(rng, 400))
+                docs.append((f"{n} {rng.choice(_VERB)} the {rng.choice(_ADJ)} {rng.choice(_NOUN)}.", None))
+        docs.extend((t, None) for t in self.filler(rng, 400))
         return docs
 
     @staticmethod
@@ -312,6 +330,16 @@ class World:
     @classmethod
     def load(cls, path: str | Path) -> "World":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _unique_words(rng: random.Random, n: int, lengths: tuple[int, ...], exclude: set[str] = frozenset(),
+                  max_len: int = 9) -> list[str]:
+    out: list[str] = []
+    while len(out) < n:
+        w = _word(rng, rng.choice(lengths))
+        if w not in out and w not in exclude and len(w) <= max_len:
+            out.append(w)
+    return out
 
 
 def _word(rng: random.Random, n_syllables: int) -> str:
