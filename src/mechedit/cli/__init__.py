@@ -35,6 +35,9 @@ from mechedit.cli import info as _info  # noqa: E402,F401
 from mechedit.cli import models as _models  # noqa: E402,F401
 from mechedit.cli import toy as _toy  # noqa: E402,F401
 from mechedit.cli import trace as _trace  # noqa: E402,F401
+from mechedit.cli import patch as _patch  # noqa: E402,F401
+from mechedit.cli import lens as _lens  # noqa: E402,F401
+from mechedit.cli import locate as _locate  # noqa: E402,F401
 from mechedit.cli import edit as _edit  # noqa: E402,F401
 from mechedit.cli import demo as _demo  # noqa: E402,F401
 
