@@ -37,6 +37,7 @@ from mechedit.cli import toy as _toy  # noqa: E402,F401
 from mechedit.cli import trace as _trace  # noqa: E402,F401
 from mechedit.cli import patch as _patch  # noqa: E402,F401
 from mechedit.cli import lens as _lens  # noqa: E402,F401
+from mechedit.cli import attention as _attention  # noqa: E402,F401
 from mechedit.cli import locate as _locate  # noqa: E402,F401
 from mechedit.cli import edit as _edit  # noqa: E402,F401
 from mechedit.cli import demo as _demo  # noqa: E402,F401

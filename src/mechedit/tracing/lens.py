@@ -82,7 +82,12 @@ class LogitLensResult(JsonResult):
     """What :func:`logit_lens` read for one prompt. ``save``/``load`` come from :class:`JsonResult`.
 
     Tensors are indexed ``[depth, position]`` (``[depth, position, k]`` for the top-k), depth 0 being the
-    embeddings and depth ``d`` the output of block ``d - 1``."""
+    embeddings and depth ``d`` the output of block ``d - 1``.
+
+    The lens intervenes on nothing, so it has no corrupted run; ``low_score`` and ``high_score`` are the whole
+    answer's probability read at the first depth (the embeddings) and the last (the model's own output). The
+    JSON carries them, and ``scores`` = ``{"answer_token_prob": [depth][position]}``, beside the fields, so that
+    every tracer's ``result.json`` has these keys; :meth:`load` reads the fields only."""
 
     FORMAT: ClassVar[str] = FORMAT
 
@@ -107,6 +112,16 @@ class LogitLensResult(JsonResult):
     @property
     def n_depths(self) -> int:
         return self.answer_token_prob.shape[0]
+
+    @property
+    def low_score(self) -> float:
+        """p(answer) read from the embeddings (depth 0)."""
+        return float(self.answer_prob[0])
+
+    @property
+    def high_score(self) -> float:
+        """p(answer) read after the last block: the model's own probability."""
+        return float(self.answer_prob[-1])
 
     def emergence(self, position: int = -1) -> int | None:
         """The first depth at which the answer's first token is the lens's top token at ``position`` (default:
@@ -150,6 +165,9 @@ class LogitLensResult(JsonResult):
             "answer_token_prob": self.answer_token_prob.tolist(), "answer_rank": self.answer_rank.tolist(),
             "answer_prob": self.answer_prob.tolist(), "config": self.config.to_dict(),
             "model_name": self.model_name, "model_fingerprint": self.model_fingerprint, "extra": self.extra,
+            # derived, for readers of every result.json (see the class docstring); not read back
+            "low_score": self.low_score, "high_score": self.high_score,
+            "scores": {"answer_token_prob": self.answer_token_prob.tolist()},  # [depth][position]
         }
 
     @classmethod

@@ -416,6 +416,11 @@ class SiteScores(JsonResult):
     ``scores[c]`` and ``values[c]`` have the axes of ``COMPONENTS[c]``: (n_layers, n_tokens) for residual sites,
     (n_layers, n_heads) for head sites at all positions, (n_layers, n_heads, n_tokens) for ``*_by_pos``, and
     (n_layers, d_mlp) for neurons (k/v: n_kv_heads). Entries not patched (``config.layers``/``heads``) are NaN.
+
+    ``low_score`` and ``high_score`` (also written to the JSON, beside the fields) are ``corrupted_metric`` and
+    ``clean_metric``: the raw metric at the two ends of the normalised scale (score 0 and score 1), named as
+    causal tracing names its corrupted and clean probabilities. Under ``kl`` the corrupted end is the larger
+    number (the clean run's KL to itself is 0).
     """
 
     FORMAT: ClassVar[str] = ""
@@ -445,6 +450,16 @@ class SiteScores(JsonResult):
     @property
     def direction(self) -> str:
         return self.config.direction
+
+    @property
+    def low_score(self) -> float:
+        """The corrupted run's metric (score 0)."""
+        return self.corrupted_metric
+
+    @property
+    def high_score(self) -> float:
+        """The clean run's metric (score 1)."""
+        return self.clean_metric
 
     def effect(self, component: str) -> torch.Tensor:
         """How much each entry matters, higher = more: the score when denoising (recovery), 1 - score when
@@ -514,6 +529,7 @@ class SiteScores(JsonResult):
         d["scores"] = {k: _nested(v) for k, v in self.scores.items()}
         d["values"] = {k: _nested(v) for k, v in self.values.items()}
         d["config"] = self.config.to_dict()
+        d["low_score"], d["high_score"] = self.low_score, self.high_score  # read back from the metrics, not stored
         return d
 
     @classmethod
