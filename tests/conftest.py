@@ -80,3 +80,31 @@ def embedded():
     import mechedit
 
     return mechedit.load()
+
+
+def load_sharp(path):
+    """Load a tiny random model with its final norm scaled by 20, so that it predicts something definite
+    (a random tiny model is near-uniform over the vocabulary, and every score would tie)."""
+    import mechedit
+    from mechedit.model import resolve_module
+
+    m = mechedit.load(path)
+    norm = resolve_module(m.hf_model, m.arch.final_norm)
+    with torch.no_grad():
+        norm.weight.mul_(20)
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.mul_(20)
+    return m
+
+
+@pytest.fixture(scope="module")
+def sharp(tiny_dir):
+    """``sharp(arch)`` -> a sharpened tiny model of ``arch`` (see :func:`load_sharp`), loaded once per module."""
+    loaded: dict = {}
+
+    def get(arch: str):
+        if arch not in loaded:
+            loaded[arch] = load_sharp(tiny_dir(arch))
+        return loaded[arch]
+
+    return get

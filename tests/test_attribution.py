@@ -19,7 +19,6 @@ import torch
 
 import mechedit
 from mechedit.errors import DataFormatError, InputError
-from mechedit.model import resolve_module
 from mechedit.tracing import (
     AgreementReport, AttributionResult, PatchingConfig, activation_patching, agreement, attribution_patching, hooks,
     live_hooks,
@@ -34,24 +33,6 @@ SUBJECT = "Voupeis Draexmir"
 CLEAN = TEMPLATE.format(SUBJECT)
 LINEAR_IN_LAST_LAYER = ("resid_post", "mlp_out", "mlp_post")
 PARALLEL_EXTRA = ("attn_out", "z")  # GPT-NeoX: attention output bypasses the MLP
-
-
-@pytest.fixture(scope="module")
-def sharp(tiny_dir):
-    loaded: dict[str, mechedit.LoadedModel] = {}
-
-    def get(arch: str) -> mechedit.LoadedModel:
-        if arch not in loaded:
-            m = mechedit.load(tiny_dir(arch))
-            norm = resolve_module(m.hf_model, m.arch.final_norm)
-            with torch.no_grad():
-                norm.weight.mul_(20)
-                if getattr(norm, "bias", None) is not None:
-                    norm.bias.mul_(20)
-            loaded[arch] = m
-        return loaded[arch]
-
-    return get
 
 
 @pytest.fixture(scope="module")

@@ -33,24 +33,6 @@ FAST = CausalTraceConfig(samples=2, window=2, batch_size=7)
 
 
 @pytest.fixture(scope="module")
-def sharp(tiny_dir):
-    loaded: dict[str, mechedit.LoadedModel] = {}
-
-    def get(arch: str) -> mechedit.LoadedModel:
-        if arch not in loaded:
-            m = mechedit.load(tiny_dir(arch))
-            norm = resolve_module(m.hf_model, m.arch.final_norm)
-            with torch.no_grad():
-                norm.weight.mul_(20)
-                if getattr(norm, "bias", None) is not None:
-                    norm.bias.mul_(20)
-            loaded[arch] = m
-        return loaded[arch]
-
-    return get
-
-
-@pytest.fixture(scope="module")
 def llama_trace(sharp) -> CausalTraceResult:
     return causal_trace(sharp("llama"), PROMPT, SUBJECT, config=FAST)
 

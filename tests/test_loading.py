@@ -89,7 +89,10 @@ def test_encode_rejects_empty_and_too_long(tiny_dir):
     ("no-such-org/no-such-model", "HuggingFace hub"),
 ])
 def test_load_errors(arg, msg, monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: patch it too
     with pytest.raises(ModelLoadError, match=msg):
         mechedit.load(arg)
 

@@ -24,24 +24,6 @@ FAST = LocateConfig(samples=2, adapter_size=5)
 
 
 @pytest.fixture(scope="module")
-def sharp(tiny_dir):
-    loaded: dict[str, mechedit.LoadedModel] = {}
-
-    def get(arch: str) -> mechedit.LoadedModel:
-        if arch not in loaded:
-            m = mechedit.load(tiny_dir(arch))
-            norm = resolve_module(m.hf_model, m.arch.final_norm)
-            with torch.no_grad():
-                norm.weight.mul_(20)
-                if getattr(norm, "bias", None) is not None:
-                    norm.bias.mul_(20)
-            loaded[arch] = m
-        return loaded[arch]
-
-    return get
-
-
-@pytest.fixture(scope="module")
 def llama_located(sharp) -> LocateResult:
     return locate(sharp("llama"), PROMPT, SUBJECT, config=FAST)
 

@@ -13,7 +13,6 @@ import torch
 
 import mechedit
 from mechedit.errors import DataFormatError, InputError, SiteError
-from mechedit.model import resolve_module
 from mechedit.sites import Site
 from mechedit.tracing import PatchingConfig, PatchingResult, activation_patching, live_hooks
 from mechedit.tracing import patching as patching_module
@@ -29,24 +28,6 @@ SEQUENTIAL_ONLY = {"resid_mid"}  # GPT-NeoX runs attention and MLP in parallel: 
 
 def components_for(arch: str) -> tuple[str, ...]:
     return tuple(c for c in ALL if not (arch == "gpt_neox" and c in SEQUENTIAL_ONLY))
-
-
-@pytest.fixture(scope="module")
-def sharp(tiny_dir):
-    loaded: dict[str, mechedit.LoadedModel] = {}
-
-    def get(arch: str) -> mechedit.LoadedModel:
-        if arch not in loaded:
-            m = mechedit.load(tiny_dir(arch))
-            norm = resolve_module(m.hf_model, m.arch.final_norm)
-            with torch.no_grad():
-                norm.weight.mul_(20)
-                if getattr(norm, "bias", None) is not None:
-                    norm.bias.mul_(20)
-            loaded[arch] = m
-        return loaded[arch]
-
-    return get
 
 
 def other_subject(m, same_length: bool) -> str:

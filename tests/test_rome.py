@@ -25,12 +25,13 @@ import pytest
 import torch
 
 import mechedit
+from conftest import load_sharp
 from mechedit.data import EditRecord
 from mechedit.editing import EditHandle, ROMEHyperParams, export_model, layer_stats, rome
 from mechedit.editing.rome import layer_stats as stats_module
 from mechedit.editing.rome.layer_stats import key_fingerprint, text_source
 from mechedit.errors import DataFormatError, InputError, MecheditError
-from mechedit.model import canonical_param_name, resolve_module
+from mechedit.model import canonical_param_name
 from mechedit.tracing import live_hooks
 
 SUBJECT = "Voupeis Draexmir"
@@ -50,28 +51,6 @@ def stats_cache(tmp_path_factory):
         os.environ.pop("MECHEDIT_CACHE", None)
     else:
         os.environ["MECHEDIT_CACHE"] = old
-
-
-def load_sharp(path) -> mechedit.LoadedModel:
-    m = mechedit.load(path)
-    norm = resolve_module(m.hf_model, m.arch.final_norm)
-    with torch.no_grad():
-        norm.weight.mul_(20)
-        if getattr(norm, "bias", None) is not None:
-            norm.bias.mul_(20)
-    return m
-
-
-@pytest.fixture(scope="module")
-def sharp(tiny_dir):
-    loaded: dict[str, mechedit.LoadedModel] = {}
-
-    def get(arch: str) -> mechedit.LoadedModel:
-        if arch not in loaded:
-            loaded[arch] = load_sharp(tiny_dir(arch))
-        return loaded[arch]
-
-    return get
 
 
 def snapshot(m) -> dict[str, torch.Tensor]:
