@@ -25,7 +25,7 @@ class ToyModelConfig:
     d_model: int = 128
     n_heads: int = 4
     d_mlp: int = 512  # 4 x d_model, as GPT-2
-    steps: int = 3000
+    steps: int = 1500
     batch_size: int = 96
     lr: float = 3e-3  # AdamW peak, linear warm-up then cosine decay to 10 %
     warmup: int = 150

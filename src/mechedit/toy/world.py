@@ -257,7 +257,7 @@ class World:
             if s in cluster:
                 for t in CLUSTER_MEMBER_TEMPLATES:
                     docs.append((t.format(s, c=self.cluster_name), s))
-        for _ in range(3):  # sums are few and must be recalled exactly: seen three times per pass
+        for _ in range(6):  # sums are few, short and must be recalled exactly: seen six times per pass
             docs.extend((t, None) for t in self.arithmetic_text())
         for t in CLUSTER_TEXT:
             docs.append((t.format(c=self.cluster_name), None))
