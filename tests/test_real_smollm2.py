@@ -64,3 +64,18 @@ def test_cli_info_json(smol):
     facts = json.loads(result.stdout)
     assert facts["path"] == str(model_dir(NAME))
     assert (facts["architecture"], facts["n_layers"], facts["n_heads"], facts["d_model"]) == ("llama", 30, 9, 576)
+
+
+def test_causal_trace_of_one_fact(smol):
+    """ROME's causal trace runs on the real model: clean > corrupted, and restoring the last token's hidden
+    state at the last layer recovers the clean probability."""
+    from mechedit.tracing import CausalTraceConfig, causal_trace
+
+    cfg = CausalTraceConfig(samples=3, kinds=("hidden", "mlp"), window=10, batch_size=128)
+    r = causal_trace(smol, PROMPT, "The Eiffel Tower", " Paris", cfg)
+    assert r.answer == " Paris" and r.high_score > 0.5
+    assert r.low_score < r.high_score / 2
+    assert r.scores["hidden"].shape == (30, len(r.tokens))
+    assert abs(float(r.scores["hidden"][-1, -1]) - r.high_score) < 1e-4
+    layer, pos, _ = r.peak("mlp")
+    assert 0 <= layer < 30 and 0 <= pos < len(r.tokens)
