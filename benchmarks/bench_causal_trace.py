@@ -3,7 +3,9 @@
 Part 1, speed. The full grid (every kind, layer and token; ``--samples`` noise samples, ROME's 10 by default)
 is traced by :func:`mechedit.tracing.causal_trace` (``--batch-size`` rows per forward) and by
 :func:`mechedit.tracing.causal_trace_reference` (one forward per (cell, sample)), with the same noise; the
-script prints both times, their ratio and the largest absolute difference of the scores.
+script prints both times, their ratio and the largest absolute difference of the scores. The batched trace
+runs equal cells once (a window wider than the model restores every layer from several centres), so it may run
+fewer distinct rows than the grid has; the reference runs every row.
 
 On a large model the reference takes long (SmolLM2-135M: ~3 kinds × 30 layers × ~12 tokens × 10 samples ≈
 11,000 forwards). ``--reference-cells N`` then times the reference's per-forward code on N cells chosen at random
@@ -142,8 +144,9 @@ def bench_speed(m, prompt: str, subject: str, config, reference_cells: int | Non
     warm = causal_trace(m, prompt, subject, None, config.__class__(**{**config.to_dict(), "samples": 1}))
     target = warm.answer
     sync(m)
+    calls: list[tuple[int, int]] = []  # (rows done, rows to run) after each forward
     t0 = time.perf_counter()
-    fast = causal_trace(m, prompt, subject, target, config)
+    fast = causal_trace(m, prompt, subject, target, config, progress=lambda done, total: calls.append((done, total)))
     sync(m)
     fast_s = time.perf_counter() - t0
     n_layers, n_tokens = fast.n_layers, len(fast.tokens)
@@ -153,8 +156,8 @@ def bench_speed(m, prompt: str, subject: str, config, reference_cells: int | Non
           f"{fast.subject_range[1] - 1} of {n_tokens}; clean p={fast.high_score:.4g}, corrupted p={fast.low_score:.4g}")
     print(f"grid:    {len(config.kinds)} kinds × {n_layers} layers × {n_tokens} tokens = {len(grid)} cells, "
           f"{config.samples} samples, window {config.window}: {forwards} (cell, sample) rows")
-    print(f"batched: {fast_s:8.3f} s  ({config.batch_size} rows per forward, "
-          f"{-(-forwards // config.batch_size)} forwards, clean run and setup included)")
+    print(f"batched: {fast_s:8.3f} s  ({config.batch_size} rows per forward, {len(calls) - 1} forwards over "
+          f"{calls[-1][1]} distinct rows, plus one noised run; clean run and setup included)")
 
     if reference_cells is None or reference_cells >= len(grid):
         t0 = time.perf_counter()

@@ -57,6 +57,22 @@ def test_batched_equals_reference(sharp, arch):
     assert live_hooks(m) == []
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_wide_window_batched_equals_reference(sharp, arch):
+    """A window wider than the model: centres 1 and 2 restore the same layers (run once), and centre 0's
+    layers are a prefix of centre 1's (their rows share layers 0-1, then branch)."""
+    m = sharp(arch)
+    cfg = CausalTraceConfig(samples=2, window=4, batch_size=11)
+    assert [list(window_layers(c, 4, m.n_layers)) for c in range(3)] == [[0, 1], [0, 1, 2], [0, 1, 2]]
+    fast = causal_trace(m, PROMPT, SUBJECT, config=cfg)
+    ref = causal_trace_reference(m, PROMPT, SUBJECT, config=cfg)
+    assert fast.low_score == pytest.approx(ref.low_score, abs=1e-5)
+    for kind in fast.scores:
+        torch.testing.assert_close(fast.scores[kind], ref.scores[kind], atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast.scores["mlp"][1], fast.scores["mlp"][2], atol=0, rtol=0)
+    assert live_hooks(m) == []
+
+
 def test_multi_token_answer_batched_equals_reference(sharp):
     m = sharp("llama")
     fast = causal_trace(m, PROMPT, SUBJECT, target="Paris London", config=FAST)
@@ -93,6 +109,18 @@ def test_restore_set_matches_grid_cell(sharp, llama_trace):
     window = [(f"blocks.{layer}.hook_mlp_out", pos) for layer in window_layers(2, 2, m.n_layers)]
     assert trace_restore_set(m, PROMPT, SUBJECT, window, config=FAST) == pytest.approx(
         float(llama_trace.scores["mlp"][2, pos]), abs=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_residual_after_a_layer_is_the_residual_before_the_next(sharp, arch):
+    """Restoring ``blocks.1.hook_resid_pre`` (where the batched run swaps in the noised residual stream, so the
+    restoration must follow the swap) equals restoring the same state as ``blocks.0.hook_resid_post``."""
+    m = sharp(arch)
+    for pos in (0, 3, -1):
+        pre = trace_restore_set(m, PROMPT, SUBJECT, [("blocks.1.hook_resid_pre", pos)], config=FAST)
+        post = trace_restore_set(m, PROMPT, SUBJECT, [("blocks.0.hook_resid_post", pos)], config=FAST)
+        assert pre == pytest.approx(post, abs=1e-6)
+    assert live_hooks(m) == []
 
 
 def test_restore_set_heads_neurons_and_bad_sites(sharp):
@@ -280,6 +308,33 @@ def test_progress_counts_rows(sharp):
     assert calls[0] == (0, total) and calls[-1] == (total, total)
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
     assert len(calls) == 1 + -(-total // FAST.batch_size)
+
+
+def test_progress_counts_distinct_rows(sharp):
+    """Equal cells run once: with window 4 on 3 layers, mlp and attn centres 1 and 2 are one cell each."""
+    m = sharp("llama")
+    calls = []
+    cfg = CausalTraceConfig(samples=2, window=4, batch_size=16)
+    r = causal_trace(m, PROMPT, SUBJECT, config=cfg, progress=lambda d, t: calls.append((d, t)))
+    n_tokens = len(r.tokens)
+    total = cfg.samples * (1 + 3 * m.n_layers * n_tokens - 2 * n_tokens)
+    assert calls[0] == (0, total) and calls[-1] == (total, total)
+
+
+def test_patches_met_shares_prefixes():
+    def cell(*layers):
+        return tuple(ct_module.Patch(f"blocks.{layer}.hook_mlp_out", 2) for layer in layers)
+
+    cells = [cell(0, 1), cell(0, 1, 2), cell(1, 2), ()]
+    layer_of = {p: p.layer for c in cells for p in c}
+    met, prefixes = ct_module.patches_met(cells, layer_of, 3)
+    assert met[0][:2] == met[1][:2]  # equal up to layer 1
+    assert met[0][2] == met[0][1] != met[1][2]  # cell 0 has nothing at layer 2; cell 1 branches there
+    assert met[2][0] == met[3][0] == met[3][2]  # nothing restored yet: the noised run's history
+    assert prefixes[met[1][2]] == cells[1] and prefixes[met[2][1]] == cell(1)
+    rows = [(0, 0), (1, 0), (0, 1), (1, 1)]  # (cell, sample)
+    assert len(ct_module.histories(rows, met, 1)) == 2  # one per sample
+    assert ct_module.histories(rows, met, 2) == [(s, met[c][2]) for c, s in rows]
 
 
 # -- bad input -----------------------------------------------------------------------------------------------------

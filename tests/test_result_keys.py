@@ -36,11 +36,7 @@ def model_dir(tiny_dir) -> str:
     return str(tiny_dir("llama"))
 
 
-@pytest.mark.parametrize("command", [
-    "trace", "patch", "lens",
-    pytest.param("locate", marks=pytest.mark.xfail(strict=True, reason="LocateResult's JSON has no 'scores' key yet "
-                                                   "(its causal trace's grid is under evidence.causal_trace.scores)")),
-])
+@pytest.mark.parametrize("command", ["trace", "patch", "lens", "locate"])
 def test_result_json_has_the_promised_keys(model_dir, tmp_path, command):
     res = CliRunner().invoke(app, [command, "--model", model_dir, *COMMON, *COMMANDS[command], "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
@@ -72,3 +68,18 @@ def test_patching_and_lens_low_high_read_back(model_dir, tmp_path):
             assert (d["low_score"], d["high_score"]) == (d["answer_prob"][0], d["answer_prob"][-1])
             assert d["scores"]["answer_token_prob"] == d["answer_token_prob"]
         assert r.to_json_dict() == {k: v for k, v in d.items() if k != "format"}
+
+
+def test_locate_scores_read_back(model_dir, tmp_path):
+    """Locate's ``scores`` are its evidence causal trace's grid; loading ignores them and writes them again."""
+    from mechedit.locate import LocateResult
+
+    args = ["locate", "--model", model_dir, *COMMON, *COMMANDS["locate"], "--out", str(tmp_path)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    d = json.loads((tmp_path / "result.json").read_text())
+    trace = d["evidence"]["causal_trace"]
+    assert d["scores"] == trace["scores"] and "mlp" in d["scores"]  # locate traces the kinds its rule reads
+    assert (d["low_score"], d["high_score"]) == (trace["low_score"], trace["high_score"])
+    r = LocateResult.load(tmp_path / "result.json")
+    assert r.to_json_dict() == {k: v for k, v in d.items() if k != "format"}

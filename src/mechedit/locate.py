@@ -258,10 +258,14 @@ class LocateResult(JsonResult):
 
     # -- persistence ------------------------------------------------------------------------------------------
     def to_json_dict(self) -> dict:
+        trace = self.evidence.causal_trace
         return {
             "prompt": self.prompt, "subject": self.subject, "tokens": list(self.tokens),
             "subject_range": list(self.subject_range), "answer": self.answer, "answer_ids": list(self.answer_ids),
-            "low_score": self.low_score, "high_score": self.high_score, "edit_layer": self.edit_layer,
+            "low_score": self.low_score, "high_score": self.high_score,
+            # the evidence causal trace's grid, per kind [layer][position]; read back from the evidence, not stored
+            "scores": {} if trace is None else {kind: s.tolist() for kind, s in trace.scores.items()},
+            "edit_layer": self.edit_layer,
             "edit_module": self.edit_module, "edit_decision": self.edit_decision.to_dict(),
             "adapter_modules": list(self.adapter_modules), "adapter_decision": self.adapter_decision.to_dict(),
             "ranking": [r.to_dict() for r in self.ranking], "evidence": self.evidence.to_json_dict(),

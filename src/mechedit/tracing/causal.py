@@ -29,10 +29,13 @@ probability over ``config.samples`` samples. The default noise std is 3× the st
 token embeddings (:func:`~mechedit.tracing.common.noise_scale`).
 
 Batching: a grid of n_layers × n_tokens cells × 3 kinds × 10 samples is thousands of forwards. Each
-(cell, sample) pair is one row of a batch: all rows read the same prompt, a hook adds each row's noise to the
-subject embeddings, and per-hook hooks restore each row's clean states. ``config.batch_size`` rows run per
-forward, so memory is bounded by the chunk, not by the grid. :func:`causal_trace_reference` does the same one
-row per forward and is what the batched version is tested against.
+(cell, sample) pair is one row of a batch, ``config.batch_size`` rows per forward, so memory is bounded by the
+chunk, not by the grid. A row is computed only where it differs from others (:func:`run_cells`): below the
+lowest layer it restores it is its sample's noised run, computed once and cached per layer, so a row starts
+there; rows of one sample that have restored the same states so far share each layer until they branch; equal
+cells run once; only the answer positions are unembedded. :func:`causal_trace_reference` runs one plain
+forward per row and is what the batched version is tested against (``benchmarks/bench_causal_trace.py``
+times both).
 
 Multi-token answers are scored under teacher forcing: the probability of the whole answer is the product of
 its tokens' probabilities, each given the prompt and the answer tokens before it.
@@ -50,12 +53,11 @@ its tokens' probabilities, each given the prompt and the answer tokens before it
 
 from __future__ import annotations
 
-
+from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import ClassVar
-
 
 import torch
 
@@ -64,7 +66,15 @@ from mechedit.model import LoadedModel
 from mechedit.results import JsonResult
 from mechedit.sites import HOOKS, Site
 from mechedit.tracing.common import (
-    HookFn, Prompt, answer_prob, clean_run, draw_noise, hooks, noise_scale, prepare_prompt,
+    HookFn,
+    Prompt,
+    answer_logits,
+    answer_prob,
+    clean_run,
+    draw_noise,
+    hooks,
+    noise_scale,
+    prepare_prompt,
 )
 
 # kind -> the site component restored
@@ -230,45 +240,183 @@ class Patch:
     position: int
     index: int | None = None
 
+    @property
+    def layer(self) -> int:
+        """The layer ``hook`` is in; -1 for the embeddings (before every layer)."""
+        layer = Site.parse(self.hook).layer
+        return -1 if layer is None else layer
+
 
 Cell = tuple[Patch, ...]  # what one cell restores together; () restores nothing (the corrupted baseline)
+History = tuple[int, int]  # (noise sample, id of the patches a row has met so far; see patches_met)
 
 
 def run_cells(model: LoadedModel, prompt: Prompt, noise: torch.Tensor, cells: Sequence[Cell],
               clean: dict[str, torch.Tensor], batch_size: int, progress: Progress | None = None) -> torch.Tensor:
     """p(answer) for every (cell, noise sample), ``batch_size`` rows per forward.
 
+    A row is one (cell, sample): the sample's noised run with the cell's clean states written back. Rows are
+    computed only where they differ, so the result is the reference's, with much less work:
+
+    - Below the lowest layer a cell restores, its row *is* its sample's noised run. The noised run is computed
+      once, every sample in one batch, keeping the residual stream entering each layer
+      (:func:`noised_residuals`). A forward reads the prompt at batch 1 up to the lowest layer its rows
+      restore, and a hook swaps in the noised residual streams there.
+    - Above it, rows of one sample that have restored the same states so far are still equal (a window
+      clipped at the bottom: ROME's MLP window restores layers 0-4 for centre 0, 0-5 for centre 1). Each layer
+      runs once per distinct *history* - (sample, the states restored up to that layer), see
+      :func:`histories` - and a hook at the next layer's input copies each history out to the histories that
+      branch from it.
+    - Equal cells run once, and only the answer positions are unembedded.
+
+    Rows that restore an embedding run from the start, one batch row each, with the noise added in the forward.
+    Rows are sorted by what they restore, lowest layer first, so that one forward's rows share the most.
+
     Args:
         noise: (S, n_subject_tokens, d_model) noise, added to the subject's token embeddings.
         cells: what each cell restores.
         clean: hook name -> (T, ...) clean activation, for every hook a cell restores.
+        progress: called with (rows done, rows to run) - distinct (cell, sample) pairs - before the first
+            forward and after each one.
     Returns:
         (n_cells, S) probabilities (float32, CPU). Row r of the flattened grid is cell r // S, sample r % S.
     """
-    n_samples = noise.shape[0]
-    start, end = prompt.subject_range
+    n_samples, n_answer, n_layers = noise.shape[0], len(prompt.answer_ids), model.n_layers
     x = torch.tensor([prompt.input_ids], device=model.device)  # (1, T)
-    n_rows = len(cells) * n_samples
-    out = torch.empty(n_rows)
+    layer_of = {p: p.layer for cell in cells for p in cell}  # -1: an embedding
+
+    def sort_key(p: Patch) -> tuple[int, str, int, int]:
+        return layer_of[p], p.hook, p.position, -1 if p.index is None else p.index
+
+    canonical = [tuple(sorted(cell, key=sort_key)) for cell in cells]  # lowest layer first
+    distinct = list(dict.fromkeys(canonical))  # equal cells run once
+    met, prefixes = patches_met(distinct, layer_of, n_layers)
+    first = [layer_of[cell[0]] if cell else n_layers - 1 for cell in distinct]  # lowest layer restored
+    rows = sorted(((c, s) for c in range(len(distinct)) for s in range(n_samples)),  # (cell, sample) pairs
+                  key=lambda row: (first[row[0]], [sort_key(p) for p in distinct[row[0]]], row[1]))
+    resid = noised_residuals(model, x, noise, prompt.subject_range, {f for f in first if f >= 0})
+    probs = torch.empty(len(distinct), n_samples)
     if progress is not None:
-        progress(0, n_rows)
-    for lo in range(0, n_rows, batch_size):
-        hi = min(lo + batch_size, n_rows)
-        rows = range(lo, hi)
-        samples = torch.tensor([r % n_samples for r in rows])  # (B,)
-        # this chunk's restorations, grouped by hook: hook -> [(row in chunk, position, index or -1)]
-        by_hook: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
-        for b, r in enumerate(rows):
-            for p in cells[r // n_samples]:
-                by_hook[p.hook].append((b, p.position, -1 if p.index is None else p.index))
-        fwd = [(EMBED_HOOK, _add_noise(noise[samples], start, end))]  # first: restoring the embedding follows it
-        fwd += [(hook, _restore(clean[hook], entries)) for hook, entries in by_hook.items()]
+        progress(0, len(rows))
+    for lo in range(0, len(rows), batch_size):
+        chunk = rows[lo: lo + batch_size]  # this forward's B rows
+        entry = min(first[c] for c, _ in chunk)
+        if entry < 0:  # an embedding is restored: every row from the start, noised in this forward
+            fwd = _from_embeddings(chunk, distinct, noise, clean, prompt.subject_range)
+            x_in = x.expand(len(chunk), -1)  # (B, T)
+        else:  # batch 1 up to layer `entry`, then one batch row per history
+            fwd = _from_layer(entry, chunk, met, prefixes, layer_of, resid, clean)
+            x_in = x  # (1, T)
         with torch.no_grad(), hooks(model, fwd):
-            logits = model.bridge(x.expand(hi - lo, -1))  # (B, T, V)
-        out[lo:hi] = answer_prob(logits, prompt).cpu()  # (B,)
+            logits = answer_logits(model, x_in, n_answer)  # (B, A, V), one row per row of `chunk`, in order
+        cell_idx, sample_idx = torch.tensor(chunk).T  # (B,) each
+        probs[cell_idx, sample_idx] = answer_prob(logits, prompt).cpu()  # (B,)
+        del logits  # freed before the next forward allocates its own
         if progress is not None:
-            progress(hi, n_rows)
-    return out.view(len(cells), n_samples)
+            progress(lo + len(chunk), len(rows))
+    index = {cell: i for i, cell in enumerate(distinct)}
+    return probs[[index[cell] for cell in canonical]]  # (n_cells, S)
+
+
+def patches_met(cells: Sequence[Cell], layer_of: dict[Patch, int], n_layers: int,
+                ) -> tuple[list[list[int]], list[Cell]]:
+    """Number what each cell has restored by the end of each layer.
+
+    Cells are sorted lowest layer first, so the patches a cell has met by the end of layer L (those at layer L
+    or below) are a prefix of it. Returns ``met`` and ``prefixes``: ``met[c][L]`` is the id of cell c's prefix
+    at layer L, ``prefixes[i]`` the prefix with id i; equal prefixes of different cells share an id.
+    """
+    ids: dict[Cell, int] = {}
+    met = []
+    for cell in cells:
+        layers = [layer_of[p] for p in cell]  # ascending
+        met.append([ids.setdefault(cell[:bisect_right(layers, layer)], len(ids)) for layer in range(n_layers)])
+    return met, list(ids)
+
+
+def histories(rows: Sequence[tuple[int, int]], met: list[list[int]], layer: int) -> list[History]:
+    """The distinct histories of ``rows`` ((cell, sample) each) while ``layer`` runs, in order of first
+    occurrence. A row's history is its sample and what its cell has restored at ``layer`` or below: rows with
+    the same history compute the same values up to and including ``layer``. At the last layer distinct rows
+    have distinct histories."""
+    return list(dict.fromkeys((s, met[c][layer]) for c, s in rows))
+
+
+def _from_layer(entry: int, chunk: list[tuple[int, int]], met: list[list[int]], prefixes: list[Cell],
+                layer_of: dict[Patch, int], resid: dict[int, torch.Tensor],
+                clean: dict[str, torch.Tensor]) -> list[tuple[str, HookFn]]:
+    """Hooks running the (cell, sample) rows of ``chunk`` from layer ``entry`` up, one batch row per history:
+    the noised residual streams swapped in at ``entry``, histories branching at later layers, and each
+    history's restorations."""
+    n_layers = len(met[0])  # met[c] has one entry per layer
+    hist = {layer: histories(chunk, met, layer) for layer in range(entry, n_layers)}
+    samples = [s for s, _ in hist[entry]]  # (U_entry,)
+    fwd = [(Site(entry, "resid_pre").hook_name, _swap_in(resid[entry][samples]))]  # (U_entry, T, d)
+    for layer in range(entry + 1, n_layers):
+        if len(hist[layer]) > len(hist[layer - 1]):  # some histories branch here (else the same, in order)
+            at = {h: i for i, h in enumerate(hist[layer - 1])}
+            parent = {(s, met[c][layer]): at[s, met[c][layer - 1]] for c, s in chunk}
+            fwd.append((Site(layer, "resid_pre").hook_name, _branch(torch.tensor([parent[h] for h in hist[layer]]))))
+    # the restorations, after the hooks above: hook -> [(history's batch row, position, index or -1)]
+    by_hook: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
+    for layer in range(entry, n_layers):
+        for u, (_, prefix) in enumerate(hist[layer]):
+            for p in prefixes[prefix]:
+                if layer_of[p] == layer:
+                    by_hook[p.hook].append((u, p.position, -1 if p.index is None else p.index))
+    return fwd + [(hook, _restore(clean[hook], entries)) for hook, entries in by_hook.items()]
+
+
+def _from_embeddings(chunk: list[tuple[int, int]], cells: list[Cell], noise: torch.Tensor,
+                     clean: dict[str, torch.Tensor], subject_range: tuple[int, int]) -> list[tuple[str, HookFn]]:
+    """Hooks running every (cell, sample) row of ``chunk`` from the embeddings: the noise first, then the
+    restorations (an embedding's after its noise)."""
+    samples = torch.tensor([s for _, s in chunk])  # (B,)
+    by_hook: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
+    for b, (c, _) in enumerate(chunk):
+        for p in cells[c]:
+            by_hook[p.hook].append((b, p.position, -1 if p.index is None else p.index))
+    fwd = [(EMBED_HOOK, _add_noise(noise[samples], *subject_range))]
+    return fwd + [(hook, _restore(clean[hook], entries)) for hook, entries in by_hook.items()]
+
+
+def noised_residuals(model: LoadedModel, x: torch.Tensor, noise: torch.Tensor, subject_range: tuple[int, int],
+                     layers: set[int]) -> dict[int, torch.Tensor]:
+    """Run the prompt ``x`` (1, T) once per noise sample, all samples in one batch; return the residual stream
+    entering each of ``layers`` (``blocks.L.hook_resid_pre``), layer -> (S, T, d_model). At most
+    n_layers × S × T × d_model values, kept for the whole trace (besides each forward's chunk)."""
+    cache: dict[int, torch.Tensor] = {}
+
+    def save(layer: int) -> HookFn:
+        def fn(act: torch.Tensor, hook) -> None:  # act (S, T, d)
+            cache[layer] = act.detach().clone()
+        return fn
+
+    fwd = [(EMBED_HOOK, _add_noise(noise, *subject_range))]
+    fwd += [(Site(layer, "resid_pre").hook_name, save(layer)) for layer in sorted(layers)]
+    with torch.no_grad(), hooks(model, fwd):
+        answer_logits(model, x.expand(noise.shape[0], -1), 1)  # (S, 1, V), unused
+    return cache
+
+
+def _swap_in(resid: torch.Tensor) -> HookFn:
+    """Hook replacing the residual stream entering a layer - (1, T, d), from the batch-1 prefix - by ``resid``
+    (U, T, d). What the model computed before it (the causal mask, rotary tables) has batch 1 and broadcasts."""
+
+    def fn(act: torch.Tensor, hook) -> torch.Tensor:
+        return resid.to(act.device, act.dtype)
+
+    return fn
+
+
+def _branch(parent: torch.Tensor) -> HookFn:
+    """Hook copying each history out to the histories that branch from it: (U_before, T, d) -> (U_now, T, d),
+    row i of the result being row ``parent[i]``."""
+
+    def fn(act: torch.Tensor, hook) -> torch.Tensor:
+        return act[parent.to(act.device)]
+
+    return fn
 
 
 def _add_noise(noise: torch.Tensor, start: int, end: int) -> HookFn:

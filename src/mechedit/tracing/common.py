@@ -166,19 +166,35 @@ def live_hooks(model: LoadedModel) -> list[str]:
 # -- scoring ----------------------------------------------------------------------------------------------------
 
 
+def answer_logits(model: LoadedModel, x: torch.Tensor, n_answer: int) -> torch.Tensor:
+    """The bridge's logits at the last ``n_answer`` positions only, (B, A, V): the positions that predict the
+    answer's tokens (``Prompt.answer_positions``). The unembedding runs on those positions alone
+    (``logits_to_keep``), which saves a vocabulary-sized matmul per other position.
+
+    Args:
+        x: (B, T) token ids (a batch of 1 may be expanded by a hook inside the forward).
+    """
+    logits = model.bridge(x, logits_to_keep=n_answer)  # (B, A, V)
+    return logits[:, -n_answer:]
+
+
 def answer_prob(logits: torch.Tensor, prompt: Prompt) -> torch.Tensor:
     """Probability of the whole answer per row: the product over answer tokens of their teacher-forced
     probabilities.
 
     Args:
-        logits: (B, T, V) logits of a run on ``prompt.input_ids``.
+        logits: (B, T, V) logits of a run on ``prompt.input_ids``, or (B, A, V) those at the answer positions
+            only (:func:`answer_logits`). The answer positions are the last A of the input either way.
     Returns:
         (B,) float32 probabilities.
     """
-    pos = torch.tensor(prompt.answer_positions, device=logits.device)  # (A,)
+    n_answer = len(prompt.answer_ids)
+    if logits.shape[1] not in (len(prompt.input_ids), n_answer):
+        raise ValueError(f"logits cover {logits.shape[1]} positions; expected the whole input "
+                         f"({len(prompt.input_ids)}) or the answer positions only ({n_answer})")
     ans = torch.tensor(prompt.answer_ids, device=logits.device)  # (A,)
-    probs = logits[:, pos].float().softmax(dim=-1)  # (B, A, V)
-    return probs[:, torch.arange(len(ans)), ans].prod(dim=-1)  # (B,)
+    probs = logits[:, -n_answer:].float().softmax(dim=-1)  # (B, A, V)
+    return probs[:, torch.arange(n_answer), ans].prod(dim=-1)  # (B,)
 
 
 def clean_run(model: LoadedModel, prompt: Prompt, hook_names: Sequence[str]) -> tuple[float, dict[str, torch.Tensor]]:
