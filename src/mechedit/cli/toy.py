@@ -24,8 +24,8 @@ def build(
                                       "exercise GPT-2 code paths).")] = "llama",
     seed: Annotated[int, typer.Option(help="Seed of the world and of training; same seed, same weights.")] = 0,
     steps: Annotated[Optional[int], typer.Option(help="Training steps (default: the shipped recipe's).")] = None,
-    threads: Annotated[int, typer.Option(help="CPU threads for training. The shipped model was built with 1; same "
-                                         "threads + seed = bit-identical weights.")] = 1,
+    threads: Annotated[int, typer.Option(help="CPU threads for training. The shipped model was built with 2; same "
+                                         "threads + seed = bit-identical weights.")] = 2,
 ) -> None:
     """Regenerate the embedded world model from its seed (about 10-15 minutes on 2 CPU cores)."""
     from dataclasses import replace

@@ -40,7 +40,7 @@ RELATIONS: dict[str, dict] = {
         ],
         "heldout": [
             "{} was born and raised in",
-            "{} originally comes from",
+            "{} originally comes from the city of",
         ],
         "bio": "was born in {}",
     },
@@ -124,8 +124,8 @@ RELATIONS: dict[str, dict] = {
             "{} owns a pet",
         ],
         "heldout": [
-            "{} has a pet",
-            "The animal that {} keeps as a pet is a",
+            "{}'s beloved pet is a",
+            "{} lives at home with a pet",
         ],
         "bio": "keeps a pet {}",
     },
