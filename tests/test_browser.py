@@ -229,7 +229,7 @@ def model(tiny_dir) -> mechedit.LoadedModel:
 @pytest.fixture(scope="module")
 def results(model) -> dict:
     """One result of every type, small (tiny Llama, 2 noise samples)."""
-    from mechedit.locate import LocateConfig, locate
+    from mechedit.locating import LocateConfig, locate
     from mechedit.tracing import (
         CausalTraceConfig,
         PatchingConfig,

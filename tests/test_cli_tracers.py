@@ -13,10 +13,10 @@ import pytest
 from typer.testing import CliRunner
 
 import mechedit
-import mechedit.locate as locate_lib
+import mechedit.locating as locate_lib
 from mechedit.cli import app
 from mechedit.data import EditRecord, write_counterfact
-from mechedit.locate import LocateConfig
+from mechedit.locating import LocateConfig
 from mechedit.tracing import causal as causal_lib
 from mechedit.tracing import lens as lens_lib
 from mechedit.tracing import patching as patching_lib

@@ -157,3 +157,18 @@ def test_architecture_table_paths_resolve(tiny_dir, arch):
         for kind, rel in m.arch.modules().items():
             if rel is not None:
                 assert hasattr(m.module(layer, kind), "weight"), (layer, kind)
+
+
+def test_top_level_names_are_the_functions():
+    """`mechedit.locate`, `mechedit.answers`, `mechedit.rome`, `mechedit.causal_trace` are callables even after
+    every submodule has been imported (a submodule named like its function would shadow it)."""
+    import importlib
+    import pkgutil
+
+    import mechedit
+
+    for info in pkgutil.walk_packages(mechedit.__path__, "mechedit."):
+        if ".cli" not in info.name and not info.name.endswith("__main__"):
+            importlib.import_module(info.name)
+    for name in ("load", "locate", "answers", "rome", "causal_trace", "read_counterfact"):
+        assert callable(getattr(mechedit, name)) and not isinstance(getattr(mechedit, name), type(mechedit)), name

@@ -1,4 +1,4 @@
-"""Locating (mechedit.locate) on tiny random models: the decisions are valid for the model, follow their stated
+"""Locating (mechedit.locating) on tiny random models: the decisions are valid for the model, follow their stated
 rules, record their evidence, survive save/load, and given evidence is used instead of recomputed.
 
 As in test_causal_trace, the ``sharp`` fixture multiplies the final norm's weight by 20 so that the random
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import mechedit
-import mechedit.locate as locate_module
+import mechedit.locating as locate_module
 from mechedit.errors import DataFormatError, InputError
-from mechedit.locate import LocateConfig, LocateEvidence, LocateResult, locate
+from mechedit.locating import LocateConfig, LocateEvidence, LocateResult, locate
 from mechedit.model import resolve_module
 from mechedit.tracing import CausalTraceConfig, causal_trace, live_hooks
 

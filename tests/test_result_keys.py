@@ -72,7 +72,7 @@ def test_patching_and_lens_low_high_read_back(model_dir, tmp_path):
 
 def test_locate_scores_read_back(model_dir, tmp_path):
     """Locate's ``scores`` are its evidence causal trace's grid; loading ignores them and writes them again."""
-    from mechedit.locate import LocateResult
+    from mechedit.locating import LocateResult
 
     args = ["locate", "--model", model_dir, *COMMON, *COMMANDS["locate"], "--out", str(tmp_path)]
     res = CliRunner().invoke(app, args)

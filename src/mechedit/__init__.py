@@ -21,11 +21,11 @@ _EXPORTS = {
     "read_counterfact": "mechedit.data",
     "write_counterfact": "mechedit.data",
     "read_known": "mechedit.data",
-    "locate": "mechedit.locate",
+    "locate": "mechedit.locating",
     "rome": "mechedit.editing",
     "EditHandle": "mechedit.editing",
     "causal_trace": "mechedit.tracing",
-    "answers": "mechedit.answers",
+    "answers": "mechedit.answering",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -23,7 +23,7 @@ def demo(
     """Run the main job on the embedded world model: trace a fact, edit it, show what changed."""
     import random
 
-    from mechedit.answers import answers
+    from mechedit.answering import answers
     from mechedit.cli.edit import default_request
     from mechedit.editing import rome
     from mechedit.model import load

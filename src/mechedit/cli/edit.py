@@ -67,7 +67,7 @@ def edit(
     import json
     from dataclasses import replace
 
-    from mechedit.answers import answers
+    from mechedit.answering import answers
     from mechedit.editing import ROMEHyperParams, export_model, rome
     from mechedit.model import load
 

@@ -1,5 +1,5 @@
 """`mechedit locate`: the rank-one edit layer and the adapter modules for one fact
-(:func:`mechedit.locate.locate`), a terminal summary of both decisions and why, and files in ``--out``."""
+(:func:`mechedit.locating.locate`), a terminal summary of both decisions and why, and files in ``--out``."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def locate(
 ) -> None:
     """Locate a fact: the layer for a rank-one edit (ROME's MLP peak at the last subject token) and the modules
     for a restricted adapter (patching effect and gradient norm combined), each with the evidence that chose it."""
-    import mechedit.locate as lib
+    import mechedit.locating as lib
     from mechedit.model import load
 
     cfg = lib.LocateConfig(window=window, samples=samples, noise=noise, seed=seed, adapter_size=adapter_size,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import plotly.graph_objects as go
 
-    from mechedit.locate import LocateResult
+    from mechedit.locating import LocateResult
 
 
 def plot_locate(result: "LocateResult") -> "go.Figure":

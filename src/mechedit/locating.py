@@ -39,7 +39,7 @@ fingerprint), else :class:`~mechedit.errors.InputError`. The result keeps all th
 decision records its rule, the key numbers it read, and whether each tracer result was computed or given.
 
 >>> import mechedit                                                   # doctest: +SKIP
->>> from mechedit.locate import locate                                # doctest: +SKIP
+>>> from mechedit.locating import locate                                # doctest: +SKIP
 >>> m = mechedit.load()                                               # the embedded world model
 >>> r = locate(m, "Dalo Frenwick was born in", "Dalo Frenwick")
 >>> r.edit_layer, r.edit_module                                       # (3, 'model.layers.3.mlp.down_proj')
