@@ -111,6 +111,11 @@ def print_trace_summary(result) -> None:
                                                              else f"token {pos}")
         typer.echo(f"  {kind:6s} effect peaks at layer {layer}, {where} {result.tokens[pos]!r}: p={score:.4f} "
                    f"(indirect effect {score - result.low_score:+.4f})")
+        if pos != s1 - 1:
+            col = result.scores[kind][:, s1 - 1]  # (L,) at the last subject token
+            best = int(col.argmax())
+            typer.echo(f"  {'':6s} at the last subject token it peaks at layer {best}: p={float(col[best]):.4f} "
+                       f"(indirect effect {float(col[best]) - result.low_score:+.4f})")
 
 
 def write_trace(result, out: Path) -> None:
