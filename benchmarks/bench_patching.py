@@ -15,8 +15,8 @@ transformer_lens runs one forward per entry (its tqdm bar is silenced here: TQDM
 model fingerprint included); transformer_lens's excludes the clean-cache run it is handed.
 
 What to expect. transformer_lens pays a fixed cost per forward (Python, hooks, a one-row forward) that batching
-removes; mechedit also skips the layers below each forward's first patched layer and unembeds only the answer
-position. Where one row is cheap next to that fixed cost (small models; any model on a GPU) the gain is large.
+removes; mechedit also starts each patched row at the layer it patches (the layers below are the unpatched
+run's, cached once) and unembeds only the answer position. Where one row is cheap next to that fixed cost (small models; any model on a GPU) the gain is large.
 On a CPU running a model whose one-row forward is already compute-bound, the gain is bounded by the compute
 saved: a few times.
 """

@@ -51,7 +51,8 @@ class Prompt:
         return list(range(n - 1, n - 1 + len(self.answer_ids)))
 
 
-def prepare_prompt(model: LoadedModel, prompt: str, subject: str | None, target: str | None = None) -> Prompt:
+def prepare_prompt(model: LoadedModel, prompt: str, subject: str | None, target: str | None = None, *,
+                   answer_ids: Sequence[int] | None = None) -> Prompt:
     """Tokenize ``prompt``, find ``subject``'s tokens in it, and fix the answer.
 
     Args:
@@ -64,11 +65,17 @@ def prepare_prompt(model: LoadedModel, prompt: str, subject: str | None, target:
             without BOS, with a leading space added where the next word would have one (see
             :func:`needs_space`): ``"Paris"`` after ``"born in"`` is scored as ``" Paris"``, ``"4"`` after
             ``"2+2="`` as ``"4"``.
+        answer_ids: the answer's token ids when the caller already has them (with ``target=None``: a tracer
+            that ran the prompt itself passes its greedy next token and saves a forward).
     """
     ids = model.encode(prompt)
     tokens = model.token_strings(ids)
     subject_range = find_subject_range(tokens, subject) if subject is not None else None
-    if target is None:
+    if answer_ids is not None:
+        if target is not None or not answer_ids:
+            raise InputError("pass either target or a non-empty answer_ids, not both")
+        answer_ids = [int(i) for i in answer_ids]
+    elif target is None:
         with torch.no_grad():
             logits = model.bridge(torch.tensor([ids], device=model.device))  # (1, T, V)
         answer_ids = [int(logits[0, -1].argmax())]

@@ -58,10 +58,11 @@ Gaussian noise on the subject's token embeddings (ROME's corruption, the same no
 ``config.seed``.
 
 Batching. Every entry of every component is one row of a batch, ``config.batch_size`` rows per forward: a
-hook per (hook point, component) writes each row's one patched slice. The rows of a forward differ only from
-the first layer any of them patches, so the prompt is read once (batch 1) up to that layer and expanded there
-to one row per entry; entries are ordered layer by layer so that a forward's rows share their first layer.
-Only the answer positions are unembedded. ``transformer_lens.patching`` runs one full forward per entry; this
+hook per (hook point, component) writes each row's one patched slice. A row equals the base run below the
+layer it patches, so each row starts at its own layer: the prompt is read once (batch 1) up to a forward's
+first patched layer and expanded there, and the rows of each later layer are appended to the batch where that
+layer begins, from the base run's cached residual stream. Only the answer positions are unembedded, and
+without a target the clean run also gives the greedy answer. ``transformer_lens.patching`` runs one full forward per entry; this
 gives the same numbers many times faster (``benchmarks/bench_patching.py``).
 
 >>> import mechedit
@@ -261,7 +262,9 @@ def prepare_contrast(model: LoadedModel, clean_prompt: str, corrupted_prompt: st
     if foil is not None and config.metric != "logit_diff":
         raise InputError(f"foil is only used by metric='logit_diff' (this run uses {config.metric!r}); "
                          "leave it out")
-    p = prepare_prompt(model, clean_prompt, subject, target)
+    # without a target the answer is the clean run's greedy next token, read off the clean run below (its input,
+    # the prompt alone, does not depend on it): a placeholder until then
+    p = prepare_prompt(model, clean_prompt, subject, target, answer_ids=None if target is not None else [0])
     if config.metric == "logit_diff" and len(p.answer_ids) != 1:
         raise InputError(f"metric 'logit_diff' compares one answer token with one foil token, but the answer "
                          f"{p.answer!r} is {len(p.answer_ids)} tokens {model.token_strings(list(p.answer_ids))}; "
@@ -291,6 +294,9 @@ def prepare_contrast(model: LoadedModel, clean_prompt: str, corrupted_prompt: st
     for side in SIDES:
         logits[side], acts[side] = run_side(model, inputs[side], len(p.answer_ids), noise if side == "corrupted"
                                             else None, p.subject_range, cache.get(side, ()), grad=side == grad_side)
+    if target is None:
+        answer = int(logits["clean"][0, -1].detach().argmax())
+        p = replace(p, answer_ids=(answer,), answer=model.tokenizer.decode([answer]))
     foil_id = None
     if config.metric == "logit_diff":
         foil_id = _foil(model, p, foil, logits["corrupted"].detach())
@@ -643,15 +649,18 @@ def patched_metrics(model: LoadedModel, c: Contrast, variants: list[Block], dire
     """The metric after each variant's patch, averaged over noise samples: (n_variants,) float32 on the CPU.
 
     Each forward runs one noise sample (or the one corrupted prompt) for up to ``batch_size`` variants: the
-    base side's input is read once (batch 1) up to the first layer any of those variants patches, expanded
-    there to one row per variant, and each row's slice is overwritten by the source side's activation. The
-    layers below the first patched one are computed once per forward, not once per row.
+    base side's input is read once (batch 1) up to the first layer any of those variants patches and expanded
+    there to one row per variant of that layer; the variants of each later layer join the batch where their
+    layer begins, from the base run's residual stream there (``c.acts[base]``, which must hold
+    ``blocks.L.hook_resid_pre`` of every layer). Each row's slice is then overwritten by the source side's
+    activation. No row computes a layer below the one it patches.
     """
     base, source = base_and_source(direction)
     n_samples, n_answer = c.n_samples, len(c.prompt.answer_ids)
     n_variants = variants[-1].offset + len(variants[-1].index)
     block_of = torch.cat([torch.full((len(b.index),), i) for i, b in enumerate(variants)])  # (V,)
     noised = c.noise is not None
+    base_resid = c.acts[base]  # hook name -> (R_base, T, d): the base run entering every layer
     out = torch.empty(n_samples, n_variants)
     n_rows, done = n_variants * n_samples, 0
     if progress is not None:
@@ -659,14 +668,20 @@ def patched_metrics(model: LoadedModel, c: Contrast, variants: list[Block], dire
     for sample in range(n_samples):
         base_noise = c.noise[sample: sample + 1] if noised and base == "corrupted" else None  # (1, n, d)
         src_sample = sample if noised and source == "corrupted" else 0
+        base_row = sample if noised and base == "corrupted" else 0
         for chunk in plan_chunks(variants, batch_size):
             v = torch.tensor(chunk)  # (B,) this forward's variants
             chunk_blocks = block_of[v].unique().tolist()
-            first = min(variants[b].layer for b in chunk_blocks)
+            layer_of_row = torch.tensor([variants[b].layer for b in block_of[v].tolist()])  # (B,) non-decreasing
+            entry_layers, counts = layer_of_row.unique_consecutive(return_counts=True)
             fwd: list[tuple[str, HookFn]] = []
             if base_noise is not None:
                 fwd.append((EMBED_HOOK, _add_noise(base_noise, *c.prompt.subject_range)))
-            fwd.append((Site(first, "resid_pre").hook_name, _expand(len(v))))  # before any patch there
+            # each row enters at its own layer (before any patch there): the first layer's rows are the batch-1
+            # prefix expanded, a later layer's rows are appended from the base run's cached residual stream
+            for i, (layer, n) in enumerate(zip(entry_layers.tolist(), counts.tolist())):
+                hook = Site(layer, "resid_pre").hook_name
+                fwd.append((hook, _expand(n) if i == 0 else _append(base_resid[hook][base_row], n)))
             for b in chunk_blocks:
                 blk = variants[b]
                 rows = (block_of[v] == b).nonzero()[:, 0]  # (N,) rows of this forward patched by this block
@@ -712,6 +727,18 @@ def _expand(n_rows: int) -> HookFn:
 
     def fn(act: torch.Tensor, hook) -> torch.Tensor:
         return act.expand(n_rows, *act.shape[1:]).contiguous()
+
+    return fn
+
+
+def _append(resid: torch.Tensor, n_rows: int) -> HookFn:
+    """Hook appending ``n_rows`` copies of the base run's residual stream ``resid`` (T, d) entering this layer
+    to the batch (B, T, d) -> (B + n_rows, T, d): rows that patch nothing below this layer start here instead
+    of recomputing the earlier layers, whose values for them are the base run's."""
+
+    def fn(act: torch.Tensor, hook) -> torch.Tensor:
+        new = resid.to(act.device, act.dtype).unsqueeze(0).expand(n_rows, *act.shape[1:])
+        return torch.cat([act, new], dim=0)
 
     return fn
 
@@ -786,9 +813,10 @@ def activation_patching(model: LoadedModel, clean_prompt: str, corrupted_prompt:
     """
     config = resolve_config(config, components)
     comps = check_components(model, config)
-    _, source = base_and_source(config.direction)
+    base, source = base_and_source(config.direction)
+    entries = [Site(layer, "resid_pre").hook_name for layer in range(model.n_layers)]  # where rows enter
     c = prepare_contrast(model, clean_prompt, corrupted_prompt, subject=subject, target=target, foil=foil,
-                         config=config, cache={source: patched_hooks(model, comps, config)})
+                         config=config, cache={source: patched_hooks(model, comps, config), base: entries})
     n_tokens = len(c.prompt.input_ids)
     variants = blocks(model, comps, config, n_tokens)
     flat = patched_metrics(model, c, variants, config.direction, config.batch_size, progress)  # (V,)
