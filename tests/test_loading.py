@@ -172,3 +172,17 @@ def test_top_level_names_are_the_functions():
             importlib.import_module(info.name)
     for name in ("load", "locate", "answers", "rome", "causal_trace", "read_counterfact"):
         assert callable(getattr(mechedit, name)) and not isinstance(getattr(mechedit, name), type(mechedit)), name
+
+
+def test_fingerprint_is_cached_until_a_weight_changes(tiny_dir, monkeypatch):
+    import hashlib
+
+    m = mechedit.load(tiny_dir("llama"))
+    fp = m.fingerprint()
+    calls = []
+    real = hashlib.sha256
+    monkeypatch.setattr(hashlib, "sha256", lambda *a: calls.append(1) or real(*a))
+    assert m.fingerprint() == fp and not calls  # cached: no re-hash
+    with torch.no_grad():
+        m.module(0, "mlp_out").weight.add_(1.0)
+    assert m.fingerprint() != fp and calls  # an in-place edit invalidates it

@@ -121,7 +121,7 @@ class LoadedModel:
         statistics. Cached against the tensors' in-place version counters, so it follows in-place edits and
         costs one pass over the weights only when something changed. (Writes through ``param.data`` bypass
         the counters; mechedit edits never use it.)"""
-        state = self.hf_model.state_dict()
+        state = self.hf_model.state_dict(keep_vars=True)  # the parameters themselves: stable ids and versions
         versions = tuple((id(t), t._version) for t in state.values())
         if self._fingerprint_cache is not None and self._fingerprint_cache[0] == versions:
             return self._fingerprint_cache[1]
