@@ -97,31 +97,14 @@ def reference_subset(m, prompt: str, subject: str, target: str, config, cells: l
     """``causal_trace_reference``'s per-forward code on ``cells`` ((kind, layer, position) each) only.
 
     Returns (seconds for the cells' forwards, {cell: score}, forwards run)."""
-    from mechedit.tracing.causal import EMBED_HOOK, _grid_hooks, _setup, kind_hook, window_layers
-    from mechedit.tracing.common import answer_prob, clean_run, hooks
+    from mechedit.tracing.causal import _grid_hooks, _setup, kind_hook, reference_cell, window_layers
+    from mechedit.tracing.common import clean_run
 
     p, _, noise = _setup(m, prompt, subject, target, config)
     _, clean = clean_run(m, p, _grid_hooks(m, config))
-    start, end = p.subject_range
-    x = torch.tensor([p.input_ids], device=m.device)  # (1, T)
 
     def corrupted_prob(sample: int, restores: list[tuple[str, int]]) -> float:  # as in causal_trace_reference
-        def add_noise(emb, hook):  # emb (1, T, d)
-            emb = emb.clone()
-            emb[0, start:end] += noise[sample].to(emb.device, emb.dtype)
-            return emb
-
-        def put_back(hook_name: str, pos: int):
-            def fn(act, hook):  # act (1, T, d)
-                act = act.clone()
-                act[0, pos] = clean[hook_name][pos]
-                return act
-            return fn
-
-        fwd = [(EMBED_HOOK, add_noise)] + [(h, put_back(h, pos)) for h, pos in restores]
-        with torch.no_grad(), hooks(m, fwd):
-            logits = m.bridge(x)  # (1, T, V)
-        return float(answer_prob(logits, p)[0])
+        return reference_cell(m, p, noise[sample], clean, restores)
 
     scores = {}
     sync(m)

@@ -512,32 +512,40 @@ def trace_restore_set(model: LoadedModel, prompt: str, subject: str,
     return float(probs.mean())
 
 
+def reference_cell(model: LoadedModel, p: Prompt, noise: torch.Tensor, clean: dict[str, torch.Tensor],
+                   restores: Sequence[tuple[str, int]]) -> float:
+    """p(answer) of one corrupted run, plainly: ``noise`` (n_subject_tokens, d) added to the subject's
+    embeddings, then each (hook, position) in ``restores`` put back from the ``clean`` cache. One forward."""
+    start, end = p.subject_range
+    x = torch.tensor([p.input_ids], device=model.device)  # (1, T)
+
+    def add_noise(emb, hook):  # emb (1, T, d)
+        emb = emb.clone()
+        emb[0, start:end] += noise.to(emb.device, emb.dtype)
+        return emb
+
+    def put_back(hook_name: str, pos: int) -> HookFn:
+        def fn(act, hook):  # act (1, T, d)
+            act = act.clone()
+            act[0, pos] = clean[hook_name][pos]
+            return act
+        return fn
+
+    fwd = [(EMBED_HOOK, add_noise)] + [(h, put_back(h, pos)) for h, pos in restores]
+    with torch.no_grad(), hooks(model, fwd):
+        logits = model.bridge(x)  # (1, T, V)
+    return float(answer_prob(logits, p)[0])
+
+
 def causal_trace_reference(model: LoadedModel, prompt: str, subject: str, target: str | None = None,
                            config: CausalTraceConfig = CausalTraceConfig()) -> CausalTraceResult:
     """The same trace, one (cell, sample) per forward, with the same noise: slow and plain, for tests and
     benchmarks. ``config.batch_size`` is ignored."""
     p, scale, noise = _setup(model, prompt, subject, target, config)
     high, clean = clean_run(model, p, _grid_hooks(model, config))
-    start, end = p.subject_range
-    x = torch.tensor([p.input_ids], device=model.device)  # (1, T)
 
     def corrupted_prob(sample: int, restores: list[tuple[str, int]]) -> float:
-        def add_noise(emb, hook):  # emb (1, T, d)
-            emb = emb.clone()
-            emb[0, start:end] += noise[sample].to(emb.device, emb.dtype)
-            return emb
-
-        def put_back(hook_name: str, pos: int) -> HookFn:
-            def fn(act, hook):  # act (1, T, d)
-                act = act.clone()
-                act[0, pos] = clean[hook_name][pos]
-                return act
-            return fn
-
-        fwd = [(EMBED_HOOK, add_noise)] + [(h, put_back(h, pos)) for h, pos in restores]
-        with torch.no_grad(), hooks(model, fwd):
-            logits = model.bridge(x)  # (1, T, V)
-        return float(answer_prob(logits, p)[0])
+        return reference_cell(model, p, noise[sample], clean, restores)
 
     samples = range(config.samples)
     low = sum(corrupted_prob(s, []) for s in samples) / config.samples
