@@ -4,6 +4,7 @@ embedded model, and the shared data directory."""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,36 @@ def sharp(tiny_dir):
         return loaded[arch]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def models(tiny_dir):
+    """``models(arch)`` -> a tiny model of ``arch`` as built (not sharpened), loaded once per module."""
+    import mechedit
+
+    loaded: dict = {}
+
+    def get(arch: str):
+        if arch not in loaded:
+            loaded[arch] = mechedit.load(tiny_dir(arch))
+        return loaded[arch]
+
+    return get
+
+
+@contextmanager
+def exploding_mlp(m, after: int = 0):
+    """A plain torch forward hook (not a TransformerLens hook) on the last MLP that raises mid-forward, on call
+    ``after + 1`` (the first call by default)."""
+    calls = []
+
+    def boom(module, args, output):
+        calls.append(1)
+        if len(calls) > after:
+            raise RuntimeError("boom inside the forward")
+
+    handle = m.module(m.n_layers - 1, "mlp_out").register_forward_hook(boom)
+    try:
+        yield
+    finally:
+        handle.remove()

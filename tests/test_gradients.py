@@ -4,13 +4,13 @@ autograd on a fresh, un-bridged HF model."""
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import plotly.graph_objects as go
 import pytest
 import torch
 
 import mechedit
+from conftest import exploding_mlp
 from mechedit.errors import DataFormatError, InputError
 from mechedit.model import resolve_module
 from mechedit.sites import RESIDUAL_COMPONENTS
@@ -26,18 +26,6 @@ SUBJECT = "Voupeis Draexmir"
 # GPT-NeoX runs attention and MLP in parallel and has no such point)
 RESID_MID_NORM = {"gpt2": "transformer.h.{L}.ln_2", "llama": "model.layers.{L}.post_attention_layernorm",
                   "qwen2": "model.layers.{L}.post_attention_layernorm"}
-
-
-@pytest.fixture(scope="module")
-def models(tiny_dir):
-    loaded: dict[str, mechedit.LoadedModel] = {}
-
-    def get(arch: str) -> mechedit.LoadedModel:
-        if arch not in loaded:
-            loaded[arch] = mechedit.load(tiny_dir(arch))
-        return loaded[arch]
-
-    return get
 
 
 @pytest.fixture(scope="module")
@@ -170,20 +158,6 @@ def test_no_grads_left_and_requires_grad_restored(models, arch):
     assert all(q.grad is None for q in m.hf_model.parameters())
     assert m.fingerprint() == fingerprint
     assert live_hooks(m) == []
-
-
-@contextmanager
-def exploding_mlp(m: mechedit.LoadedModel):
-    """A plain torch forward hook (not a TransformerLens hook) on the last MLP that raises mid-forward."""
-
-    def boom(module, args, output):
-        raise RuntimeError("boom inside the forward")
-
-    handle = m.module(m.n_layers - 1, "mlp_out").register_forward_hook(boom)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

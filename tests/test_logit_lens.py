@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 
 import plotly.graph_objects as go
 import pytest
 import torch
 
 import mechedit
+from conftest import exploding_mlp
 from mechedit.errors import DataFormatError, InputError
 from mechedit.model import resolve_module
 from mechedit.tracing import LogitLensConfig, LogitLensResult, hooks, live_hooks, logit_lens, prepare_prompt
@@ -18,18 +18,6 @@ from mechedit.tracing.lens import decode, lens_sites
 ARCHS = ("gpt2", "llama", "qwen2", "gpt_neox")
 PROMPT = "Voupeis Draexmir was born in the city of"
 SUBJECT = "Voupeis Draexmir"
-
-
-@pytest.fixture(scope="module")
-def models(tiny_dir):
-    loaded: dict[str, mechedit.LoadedModel] = {}
-
-    def get(arch: str) -> mechedit.LoadedModel:
-        if arch not in loaded:
-            loaded[arch] = mechedit.load(tiny_dir(arch))
-        return loaded[arch]
-
-    return get
 
 
 @pytest.fixture(scope="module")
@@ -152,20 +140,6 @@ def test_emergence(llama_lens):
 
 
 # -- hooks, inputs ----------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def exploding_mlp(m: mechedit.LoadedModel):
-    """A plain torch forward hook (not a TransformerLens hook) on the last MLP that raises mid-forward."""
-
-    def boom(module, args, output):
-        raise RuntimeError("boom inside the forward")
-
-    handle = m.module(m.n_layers - 1, "mlp_out").register_forward_hook(boom)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import plotly.graph_objects as go
 import pytest
 import torch
 
-import mechedit
+from conftest import exploding_mlp
 from mechedit.errors import DataFormatError, InputError
 from mechedit.sites import Site
 from mechedit.tracing import (
@@ -21,18 +20,6 @@ ARCHS = ("gpt2", "llama", "qwen2", "gpt_neox")
 PROMPT = "Voupeis Draexmir was born in the city of"
 SUBJECT = "Voupeis Draexmir"
 BASELINES = ["Tamsel Orwick lives in the town of", "The weather today is", "Kiro Bastane works as a"]
-
-
-@pytest.fixture(scope="module")
-def models(tiny_dir):
-    loaded: dict[str, mechedit.LoadedModel] = {}
-
-    def get(arch: str) -> mechedit.LoadedModel:
-        if arch not in loaded:
-            loaded[arch] = mechedit.load(tiny_dir(arch))
-        return loaded[arch]
-
-    return get
 
 
 @pytest.fixture(scope="module")
@@ -122,23 +109,6 @@ def test_answer_is_recorded_and_norms_do_not_depend_on_it(models, llama_mag):
 
 
 # -- hooks, inputs ----------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def exploding_mlp(m: mechedit.LoadedModel, after: int):
-    """A plain torch forward hook (not a TransformerLens hook) on the last MLP that raises on call ``after + 1``."""
-    calls = []
-
-    def boom(module, args, output):
-        calls.append(1)
-        if len(calls) > after:
-            raise RuntimeError("boom inside the forward")
-
-    handle = m.module(m.n_layers - 1, "mlp_out").register_forward_hook(boom)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 @pytest.mark.parametrize("after", [0, 2])  # in the fact prompt's run; in a baseline prompt's run
