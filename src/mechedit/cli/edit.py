@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,7 +12,7 @@ from mechedit.cli import app
 from mechedit.cli.info import ModelOpt
 from mechedit.errors import InputError
 
-METHODS = ("rome",)
+from mechedit.editing.methods import METHODS
 
 
 def default_request(model):
@@ -46,10 +47,41 @@ def build_request(model, prompt, subject, target_new, target_true, paraphrases, 
                       target_true=target_true, paraphrases=tuple(paraphrases), neighborhood=tuple(pairs))
 
 
+def method_hparams(method: str, overrides: list[str], layer: str | None, modules: str | None):
+    """The method's hyperparameters from ``--hp name=value`` items plus the ``--layer`` / ``--modules``
+    shortcuts (mapped onto the method's ``layer``/``layers`` and ``modules`` fields)."""
+    from dataclasses import fields
+
+    from mechedit.editing.methods import make_hparams
+
+    defaults = make_hparams(method)
+    names = {f.name for f in fields(defaults)}
+    items = list(overrides)
+    if layer is not None:
+        value = layer.strip()
+        if value != "auto" and not all(p.strip().lstrip("-").isdigit() for p in value.split(",")):
+            raise InputError(f"--layer must be an integer, a comma-separated list of integers or 'auto', got {layer!r}")
+        if "layer" in names and "," not in value:
+            items.append(f"layer={value if value == 'auto' else int(value)}")
+        elif "layers" in names:
+            items.append("layers=" + (json.dumps(value) if value == "auto" else f"[{value}]"))
+        else:
+            raise InputError(f"--layer does not apply to {method}")
+    if modules is not None:
+        if "modules" not in names:
+            raise InputError(f"--modules does not apply to {method}")
+        value = modules.strip()
+        items.append("modules=" + (json.dumps("auto") if value == "auto"
+                                   else json.dumps([x.strip() for x in value.split(",") if x.strip()])))
+    return make_hparams(method, items)
+
+
 @app.command()
 def edit(
     model: ModelOpt = None,
     method: Annotated[str, typer.Option(help=f"Editing method: {', '.join(METHODS)}.")] = "rome",
+    hp: Annotated[Optional[list[str]], typer.Option(help="A hyperparameter of the method as name=value "
+                                                    "(repeatable; values are JSON or plain strings).")] = None,
     prompt: Annotated[Optional[str], typer.Option(help="The edit prompt, subject included.")] = None,
     subject: Annotated[Optional[str], typer.Option(help="The subject's words as in the prompt.")] = None,
     target_new: Annotated[Optional[str], typer.Option(help="The new answer.")] = None,
@@ -57,34 +89,32 @@ def edit(
     paraphrase: Annotated[Optional[list[str]], typer.Option(help="A paraphrase prompt (repeatable).")] = None,
     neighbour: Annotated[Optional[list[str]], typer.Option(help="'PROMPT => ANSWER' about another subject that "
                                                           "must not change (repeatable).")] = None,
-    layer: Annotated[str, typer.Option(help="Layer to edit, or 'auto' (peak of the MLP causal trace at the "
-                                       "last subject token).")] = "auto",
+    layer: Annotated[Optional[str], typer.Option(help="Layer(s) to edit: N, 'N,M,..' or 'auto' (ROME: the peak of "
+                                                 "the MLP causal trace at the last subject token).")] = None,
+    modules: Annotated[Optional[str], typer.Option(help="Modules an adapter/fine-tuning method trains: 'auto' "
+                                                   "(locate's module set) or comma-separated names.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Directory for the edit handle and a JSON report.")] = None,
     save_model: Annotated[Optional[Path], typer.Option(help="Also write the edited model as an HF "
                                                        "checkpoint directory.")] = None,
 ) -> None:
-    """Edit one fact (ROME: a rank-one update of one MLP output projection) and show what changed."""
+    """Edit one fact and show what changed (default: ROME, a rank-one update of one MLP output projection)."""
     import json
-    from dataclasses import replace
 
     from mechedit.answering import answers
-    from mechedit.editing import ROMEHyperParams, export_model, rome
+    from mechedit.editing import export_model
+    from mechedit.editing.methods import edit as run_edit
+    from mechedit.editing.methods import get_method
     from mechedit.model import load
 
-    if method not in METHODS:
-        raise InputError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    get_method(method)  # unknown method: one clear line before loading anything
+    hparams = method_hparams(method, hp or [], layer, modules)
     m = load(model)
     request = build_request(m, prompt, subject, target_new, target_true, paraphrase or [], neighbour or [])
-    hp = ROMEHyperParams()
-    if layer != "auto":
-        if not layer.lstrip("-").isdigit():
-            raise InputError(f"--layer must be an integer or 'auto', got {layer!r}")
-        hp = replace(hp, layer=int(layer))
     prompts = [request.prompt, *request.paraphrases, *(p for p, _ in request.neighborhood)]
     targets = (request.target_new, request.target_true or "")
     before = answers(m, prompts, targets)
-    handle = rome(m, request, hp)
-    after = answers(m, prompts, targets)
+    handle = run_edit(m, [request], method, hparams)
+    after = answers(m, [handle.prompt(p) for p in prompts], targets)
     typer.echo(f"edited layer {handle.evidence.get('layer')} ({method}): {request.prompt!r} -> "
                f"{request.target_new!r}")
     kinds = ["edit"] + ["paraphrase"] * len(request.paraphrases) + ["neighbour"] * len(request.neighborhood)

@@ -48,6 +48,7 @@ from mechedit.model import LoadedModel, canonical_param_name, resolve_module
 FORMAT = "mechedit.edit/1"
 DELTAS_FILE = "deltas.safetensors"
 META_FILE = "edit.json"
+ADAPTER_DIR = "adapter"
 
 
 @dataclass(eq=False)
@@ -59,10 +60,22 @@ class EditHandle:
     model_name: str
     model_fingerprint: str  # LoadedModel.fingerprint() of the unedited model
     evidence: dict = field(default_factory=dict)  # JSON-ready notes: chosen layer and why, losses, norms ...
+    # In-context editing: text put before every prompt when the edited model is queried (see `prompt`); the
+    # weights are untouched (deltas may then be empty).
+    context: str = ""
+    # Adapter methods ((IA)³, LoRA): the trained adapter in peft's own form, {"config": adapter_config.json as a
+    # dict, "weights": {peft state-dict name: tensor}}. `save` writes it to <dir>/adapter/ (PeftModel-loadable).
+    # The deltas are still the exact merged change, so apply/restore work the same for every method.
+    adapter: dict | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.deltas, dict) or not self.deltas:
-            raise InputError("an edit handle needs at least one weight delta")
+        if not isinstance(self.context, str):
+            raise InputError(f"context must be a string, got {type(self.context).__name__}")
+        if not isinstance(self.deltas, dict) or (not self.deltas and not self.context):
+            raise InputError("an edit handle needs at least one weight delta (or, for in-context editing, a context)")
+        if self.adapter is not None and not (isinstance(self.adapter, dict) and isinstance(self.adapter.get("config"), dict)
+                                             and isinstance(self.adapter.get("weights"), dict)):
+            raise InputError("adapter must be {'config': dict, 'weights': {name: tensor}}")
         for name, d in self.deltas.items():
             if not isinstance(name, str) or canonical_param_name(name) != name:
                 raise InputError(f"delta names must be canonical HF parameter names, got {name!r}")
@@ -84,6 +97,10 @@ class EditHandle:
 
     def records(self) -> list[EditRecord]:
         return [EditRecord.from_dict(r) for r in self.requests]
+
+    def prompt(self, text: str) -> str:
+        """``text`` as the edited model sees it: with the in-context edit's context before it (else unchanged)."""
+        return f"{self.context}{text}" if self.context else text
 
     def __repr__(self) -> str:
         names = ", ".join(self.deltas)
@@ -173,7 +190,7 @@ class EditHandle:
         tensors = {n: d.cpu().contiguous() for n, d in self.deltas.items()}
         meta = {"format": FORMAT, "method": self.method, "model_name": self.model_name,
                 "model_fingerprint": self.model_fingerprint, "hparams": self.hparams, "requests": self.requests,
-                "evidence": self.evidence,
+                "evidence": self.evidence, "context": self.context,
                 "deltas": {n: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
                                "sha256": _digest(t)} for n, t in tensors.items()}}
         text = json.dumps(meta, indent=1)  # fails here, before anything is written, on non-JSON evidence
@@ -181,6 +198,11 @@ class EditHandle:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
             save_file(tensors, str(tmp / DELTAS_FILE), metadata={"format": FORMAT})
+            if self.adapter is not None:  # peft's own layout: PeftModel.from_pretrained(hf_model, <dir>/adapter)
+                (tmp / ADAPTER_DIR).mkdir()
+                save_file({n: t.detach().cpu().contiguous() for n, t in self.adapter["weights"].items()},
+                          str(tmp / ADAPTER_DIR / "adapter_model.safetensors"), metadata={"format": "pt"})
+                (tmp / ADAPTER_DIR / "adapter_config.json").write_text(json.dumps(self.adapter["config"], indent=1))
             (tmp / META_FILE).write_text(text)
             _swap_into_place(tmp, path)
         except BaseException:
@@ -224,10 +246,17 @@ class EditHandle:
                     or str(t.dtype).replace("torch.", "") != e.get("dtype") or _digest(t) != e.get("sha256")):
                 raise DataFormatError(f"{deltas_file}: the delta for {name} does not match its record in "
                                       f"{META_FILE} (shape, dtype or checksum): the file is corrupt")
+        adapter = None
+        if (path / ADAPTER_DIR).is_dir():
+            try:
+                adapter = {"config": json.loads((path / ADAPTER_DIR / "adapter_config.json").read_text()),
+                           "weights": load_file(str(path / ADAPTER_DIR / "adapter_model.safetensors"))}
+            except Exception as e:
+                raise DataFormatError(f"{path / ADAPTER_DIR} is corrupt ({type(e).__name__}: {e})") from None
         try:
             return cls(method=meta["method"], deltas=tensors, hparams=meta["hparams"], requests=meta["requests"],
                        model_name=meta["model_name"], model_fingerprint=meta["model_fingerprint"],
-                       evidence=meta.get("evidence", {}))
+                       evidence=meta.get("evidence", {}), context=meta.get("context", ""), adapter=adapter)
         except InputError as e:
             raise DataFormatError(f"{path}: {e}") from None
 

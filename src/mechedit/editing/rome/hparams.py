@@ -13,13 +13,14 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+from mechedit.editing.hparams import HyperParams
 from mechedit.errors import DataFormatError, InputError
 
 KEY_POSITIONS = ("subject_last", "subject_first", "prompt_last")
 
 
 @dataclass(frozen=True)
-class ROMEHyperParams:
+class ROMEHyperParams(HyperParams):
     # -- where -------------------------------------------------------------------------------------------------
     # Layer whose MLP output projection is rewritten. ROME used the causal-trace peak of GPT-2 XL (layer 17 of
     # 48). "auto": the peak of the MLP causal-trace effect at the subject's last token (recorded in the handle's
