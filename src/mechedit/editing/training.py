@@ -162,3 +162,64 @@ def weight_deltas(model: LoadedModel, trained: torch.nn.Module, names: Iterable[
 
 def _tied(model: LoadedModel) -> bool:
     return bool(getattr(model.hf_model.config, "tie_word_embeddings", False))
+
+
+def select_modules(model: LoadedModel, modules, requests=(), *, seed: int = 0,
+                   adapter_size: int | None = None) -> tuple[list[str], dict]:
+    """The HF module names (as in the un-bridged model's ``named_modules``) a restricted method trains, and the
+    evidence for them. ``modules`` is one of
+
+    * ``"auto"``: :func:`mechedit.locate`'s adapter module set for the first request (causal trace, patching and
+      gradient norms; ``adapter_size`` modules, default locate's 10);
+    * ``"all"``: every module kind of the architecture table in every layer;
+    * ``"random"``: as many modules as ``"auto"`` would choose (``adapter_size`` or 10), drawn at random with
+      ``seed`` from all of them: the control for "does locating matter";
+    * ``"mlp"`` / ``"attn"``: every MLP / attention module;
+    * a list of names: HF module names (``model.layers.3.mlp.down_proj``) or ``"L.kind"`` shorthands
+      (``"3.mlp_out"``, kinds as in ``ArchSpec.modules()``).
+
+    Unknown names, an empty set or a name that is not a linear layer fail with an :class:`InputError`.
+    """
+    kinds = {k: p for k, p in model.arch.modules().items() if p}
+    everything = [model.module_name(layer, k) for layer in range(model.n_layers) for k in kinds]
+    if isinstance(modules, str):
+        key = modules.strip()
+        if key == "auto":
+            from mechedit.locating import LocateConfig, locate
+
+            if not requests:
+                raise InputError("modules='auto' locates the fact of the first request; pass a request")
+            r = requests[0]
+            cfg = LocateConfig() if adapter_size is None else LocateConfig(adapter_size=adapter_size)
+            found = locate(model, r.prompt, r.subject, r.target_true, config=cfg)
+            return list(found.adapter_modules), {"modules": "auto", "locate": found.adapter_decision.to_dict()}
+        if key == "all":
+            return everything, {"modules": "all"}
+        if key in ("mlp", "attn"):
+            chosen = [model.module_name(layer, k) for layer in range(model.n_layers) for k in kinds
+                      if k.startswith(key)]
+            return chosen, {"modules": key}
+        if key == "random":
+            n = adapter_size or 10
+            gen = torch.Generator().manual_seed(seed)
+            order = torch.randperm(len(everything), generator=gen).tolist()
+            chosen = sorted((everything[i] for i in order[:min(n, len(everything))]), key=everything.index)
+            return chosen, {"modules": "random", "seed": seed, "size": len(chosen)}
+        raise InputError(f"modules must be 'auto', 'all', 'random', 'mlp', 'attn' or a list of module names, "
+                         f"got {modules!r}")
+    names = list(modules) if isinstance(modules, (list, tuple)) else None
+    if not names:
+        raise InputError("the module set is empty; name at least one module (or use 'auto')")
+    chosen = []
+    for name in names:
+        if not isinstance(name, str):
+            raise InputError(f"module names must be strings, got {name!r}")
+        layer, _, kind = name.partition(".")
+        if layer.isdigit() and kind in kinds:
+            name = model.module_name(int(layer), kind)
+        if name not in everything:
+            raise InputError(f"{name!r} is not a trainable module of {model.name!r}; use HF names such as "
+                             f"{everything[0]!r} or shorthands like '0.mlp_out' (kinds: {', '.join(kinds)})")
+        if name not in chosen:
+            chosen.append(name)
+    return chosen, {"modules": "given"}
