@@ -128,7 +128,7 @@ def adam_loop(params: Iterable[torch.nn.Parameter], loss_fn: Callable[[int], tor
         if after_step is not None:
             with torch.no_grad():
                 after_step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if progress is not None:
             progress(stage, step + 1, steps)
         if stop_below is not None and losses[-1] < stop_below:
