@@ -41,6 +41,8 @@ from mechedit.cli import attention as _attention  # noqa: E402,F401
 from mechedit.cli import locate as _locate  # noqa: E402,F401
 from mechedit.cli import edit as _edit  # noqa: E402,F401
 from mechedit.cli import demo as _demo  # noqa: E402,F401
+from mechedit.cli import eval as _eval  # noqa: E402,F401
+from mechedit.cli import report as _report  # noqa: E402,F401
 
 
 def main() -> None:
