@@ -96,6 +96,8 @@ def edit(
     out: Annotated[Optional[Path], typer.Option(help="Directory for the edit handle and a JSON report.")] = None,
     save_model: Annotated[Optional[Path], typer.Option(help="Also write the edited model as an HF "
                                                        "checkpoint directory.")] = None,
+    report: Annotated[bool, typer.Option("--report", help="Also write an HTML report of the edit into --out "
+                                         "(as `mechedit report --edit OUT`).")] = False,
 ) -> None:
     """Edit one fact and show what changed (default: ROME, a rank-one update of one MLP output projection)."""
     import json
@@ -107,6 +109,8 @@ def edit(
     from mechedit.model import load
 
     get_method(method)  # unknown method: one clear line before loading anything
+    if report and out is None:
+        raise InputError("--report writes into the --out directory; pass --out too")
     hparams = method_hparams(method, hp or [], layer, modules)
     m = load(model)
     request = build_request(m, prompt, subject, target_new, target_true, paraphrase or [], neighbour or [])
@@ -132,3 +136,8 @@ def edit(
     if save_model is not None:
         export_model(m, save_model)
         typer.echo(f"wrote the edited model to {save_model}")
+    if report:  # last: the report applies the saved handle to the unedited model itself
+        from mechedit.report import write_edit_report
+
+        handle.restore()
+        typer.echo(f"wrote {write_edit_report(out, model=m)}")
