@@ -190,23 +190,30 @@ def _fact_section(page: Page, record, handle) -> None:
 
 def _trace_section(page: Page, trace, source: str) -> None:
     peaks = []
-    for kind in trace.scores:
+    last = trace.subject_range[1] - 1  # the last subject token: where ROME reads its key
+    for kind, s in trace.scores.items():
         layer, pos, score = trace.peak(kind)
+        at_last = int(s[:, last].argmax())
         peaks.append({"kind": kind, "peak layer": layer, "peak token": f"{trace.tokens[pos]!r} (position {pos})",
-                      "p(answer) restored": score, "indirect effect": score - trace.low_score})
+                      "peak effect": score - trace.low_score, "peak layer at the last subject token": at_last,
+                      "its effect": float(s[at_last, last]) - trace.low_score})
     page.section("Causal trace (unedited model)",
                  f'<p class="note">{esc(source)}. Clean p({esc(trace.answer)!s}) = {trace.high_score:.4f}, '
-                 f"with the subject corrupted {trace.low_score:.4f}.</p>",
+                 f"with the subject corrupted {trace.low_score:.4f}; "
+                 "effect = p(answer) with the state restored − the corrupted p.</p>",
                  page.figure(trace.plot(), "causal-trace"), table(peaks))
 
 
-def _is_series(v) -> bool:
-    """A training curve: a list of numbers or of dicts of numbers, at least two long."""
+def _is_series(name: str, v) -> bool:
+    """A training curve: a list of dicts of numbers (one per step), or a list of numbers named ``*loss*``; at
+    least two long. (Other lists of numbers, such as token positions, are not curves.)"""
     if not isinstance(v, list) or len(v) < 2:
         return False
     num = (int, float)
-    return (all(isinstance(x, num) and not isinstance(x, bool) for x in v)
-            or all(isinstance(x, dict) and x and all(isinstance(y, num) for y in x.values()) for x in v))
+    if all(isinstance(x, dict) and x and all(isinstance(y, num) and not isinstance(y, bool) for y in x.values())
+           for x in v):
+        return True
+    return "loss" in name and all(isinstance(x, num) and not isinstance(x, bool) for x in v)
 
 
 def _series_figure(name: str, v: list):
@@ -257,9 +264,9 @@ def _locate_section(page: Page, handle) -> None:
     if scalars:
         parts.append("<h3>Other evidence</h3>" + key_values(scalars))
     for k, v in ev.items():
-        if k not in decision and _is_series(v):
+        if k not in decision and _is_series(k, v):
             parts.append(page.figure(_series_figure(k, v), f"evidence-{k}"))
-    rest = {k: v for k, v in ev.items() if k not in decision and k not in scalars and not _is_series(v)}
+    rest = {k: v for k, v in ev.items() if k not in decision and k not in scalars and not _is_series(k, v)}
     if rest:
         parts.append(details(f"the rest of the evidence ({', '.join(rest)})", json_block(rest)))
     page.section("Locate decision and evidence", *parts)

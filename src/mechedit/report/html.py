@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 _CSS = """
-body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0; color: #1b1f24; background: #fafafa; }
+body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0; color: #1b1f24;
+       background: #fafafa; }
 main { max-width: 1240px; margin: 0 auto; padding: 1.2em 2em 4em; }
 header { border-bottom: 1px solid #d0d7de; margin-bottom: 1em; }
 h1 { font-size: 1.5em; margin: 0.4em 0; } h2 { font-size: 1.2em; margin-top: 1.8em; border-bottom: 1px solid #e4e7eb; }

@@ -2,7 +2,8 @@
 
 A study (``analyses/*.py``) writes a results directory of JSON results, markdown tables and PNG figures. This
 page puts all of them in one self-contained HTML file, in this order: ``README.md`` (the study's own account,
-with its command) first, then every other file sorted by path (subfolders included):
+with its command) first, then folder by folder (subfolders included) the markdown files, the PNG figures and
+the JSON results, each sorted by name:
 
 * ``*.md``: rendered as markdown (tables included);
 * ``*.json``: a mechedit result (its ``format`` names a known result type) is loaded and drawn with its own
@@ -46,12 +47,18 @@ def result_types() -> dict[str, type]:
 
 
 def study_files(directory: Path, exclude: Path | None = None) -> list[Path]:
-    """The files the page shows: README.md first, then the rest sorted by path (hidden files skipped)."""
+    """The files the page shows: README.md first, then folder by folder the markdown, the PNG figures and the
+    JSON results, each sorted by name (hidden files skipped)."""
     files = [p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
              and not any(part.startswith(".") for part in p.relative_to(directory).parts)
              and (exclude is None or p.resolve() != exclude.resolve())]
-    return sorted(files, key=lambda p: (p.relative_to(directory) != Path("README.md"),
-                                        str(p.relative_to(directory))))
+    order = {".md": 0, ".png": 1, ".json": 2}  # in each folder: text, then figures, then the raw results
+
+    def key(p: Path):
+        rel = p.relative_to(directory)
+        return rel != Path("README.md"), str(rel.parent), order[p.suffix.lower()], rel.name
+
+    return sorted(files, key=key)
 
 
 def _json_parts(page: Page, path: Path, types: dict[str, type], name: str) -> list[str]:
@@ -102,7 +109,7 @@ def write_study_report(directory: str | Path, out: str | Path | None = None) -> 
         raise InputError(f"{d} has no results to show (no *.json, *.md or *.png files)")
     types = result_types()
     page = Page(f"Study: {d.resolve().name}", subtitle=f"{len(files)} file(s) from <code>{esc(d)}</code>")
-    for i, path in enumerate(files):
+    for path in files:
         rel = str(path.relative_to(d))
         suffix = path.suffix.lower()
         if suffix == ".md":
@@ -110,5 +117,5 @@ def write_study_report(directory: str | Path, out: str | Path | None = None) -> 
         elif suffix == ".png":
             page.section(rel, png(path, rel))
         else:
-            page.section(rel, *_json_parts(page, path, types, f"file-{i}"))
+            page.section(rel, *_json_parts(page, path, types, rel))
     return page.write(target)
