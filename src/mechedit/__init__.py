@@ -26,6 +26,7 @@ _EXPORTS = {
     "EditHandle": "mechedit.editing",
     "causal_trace": "mechedit.tracing",
     "answers": "mechedit.answering",
+    "evaluate": "mechedit.evaluation",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -98,6 +98,9 @@ def edit(
                                                        "checkpoint directory.")] = None,
     report: Annotated[bool, typer.Option("--report", help="Also write an HTML report of the edit into --out "
                                          "(as `mechedit report --edit OUT`).")] = False,
+    evaluate_edit: Annotated[bool, typer.Option("--evaluate/--no-evaluate", help="Evaluate the edit (as "
+                                                "`mechedit eval`: CounterFact scores, locality, KL, fluency ...), "
+                                                "print the summary and write evaluation.json into --out.")] = True,
 ) -> None:
     """Edit one fact and show what changed (default: ROME, a rank-one update of one MLP output projection)."""
     import json
@@ -127,12 +130,23 @@ def edit(
         typer.echo(f"  {kind:10s} {b.prompt!r}: {b.top!r} ({b.top_prob:.2f}) -> {a.top!r} ({a.top_prob:.2f})")
         rows.append({"kind": kind, "prompt": b.prompt, "before": b.top, "after": a.top,
                      "before_probs": b.target_probs, "after_probs": a.target_probs})
+    result = None
+    if evaluate_edit:  # leaves the handle applied, as it found it
+        from mechedit.cli.eval import print_summary
+        from mechedit.evaluation import evaluate
+
+        result = evaluate(m, handle, [request])
+        print_summary(result, title=f"evaluation of this {method} edit")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         handle.save(out / "edit")
         (out / "report.json").write_text(json.dumps({"request": request.to_dict(), "answers": rows,
                                                      "evidence": handle.evidence}, indent=1, default=str))
         typer.echo(f"wrote {out / 'edit'} and {out / 'report.json'}")
+        if result is not None:
+            from mechedit.cli.eval import write_result
+
+            typer.echo("wrote " + ", ".join(str(p) for p in write_result(result, out)))
     if save_model is not None:
         export_model(m, save_model)
         typer.echo(f"wrote the edited model to {save_model}")
