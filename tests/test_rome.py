@@ -500,3 +500,50 @@ def test_hooks_are_removed_even_when_a_forward_fails(sharp):
     assert not module._forward_pre_hooks
     with rome(m, request_for(m), FAST):
         assert not module._forward_pre_hooks and live_hooks(m) == []
+
+
+# -- the fast value optimisation against ROME's way ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox"])
+def test_value_with_cached_prefixes_equals_the_whole_prompt_reference(sharp, arch):
+    """compute_v runs only the tokens from the lookup token on, against a KV cache of the rest (prefixes of
+    different lengths left-padded); ROME's way runs every prompt whole through the bridge. Same δ."""
+    from mechedit.editing.rome import context_templates
+    from mechedit.editing.rome.compute_v import compute_v, compute_v_reference
+
+    m = sharp(arch)
+    rec = request_for(m)
+    templates = context_templates(m, FAST)
+    assert len({len(m.encode(t.replace("{}", rec.prompt))) for t in templates}) > 1  # ragged: padding matters
+    for key_position in ("subject_last", "prompt_last"):
+        hp = ROMEHyperParams(**{**FAST.to_dict(), "key_position": key_position, "v_num_grad_steps": 6})
+        fast = compute_v(m, rec, 1, templates, hp)
+        ref = compute_v_reference(m, rec, 1, templates, hp)
+        assert len(fast.losses) == len(ref.losses) == 6
+        torch.testing.assert_close(fast.v_init, ref.v_init, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(fast.delta, ref.delta, atol=1e-5 * float(ref.delta.norm()), rtol=1e-3)
+        for a, b in zip(fast.losses, ref.losses):
+            assert a["total"] == pytest.approx(b["total"], rel=1e-4, abs=1e-6)
+        assert float(ref.delta.norm()) > 0
+    assert live_hooks(m) == [] and not m.module(1, "mlp_out")._forward_hooks
+
+
+def test_sampled_templates_are_remembered_until_the_weights_change(sharp, monkeypatch):
+    from mechedit.editing.rome import context_templates
+    from mechedit.editing.rome import rome_main
+
+    m = sharp("llama")
+    calls = []
+    real = rome_main._sample_templates
+    monkeypatch.setattr(rome_main, "_sample_templates", lambda *a: calls.append(1) or real(*a))
+    first = context_templates(m, ROMEHyperParams(seed=5))
+    assert context_templates(m, ROMEHyperParams(seed=5)) == first and len(calls) == 1
+    context_templates(m, ROMEHyperParams(seed=6))
+    assert len(calls) == 2
+    with rome(m, request_for(m), FAST):  # other weights: sampled afresh (from the edited model, as ROME would)
+        n = len(calls)
+        context_templates(m, ROMEHyperParams(seed=5))
+        assert len(calls) == n + 1
+    n = len(calls)
+    assert context_templates(m, ROMEHyperParams(seed=5)) == first and len(calls) == n  # restored: remembered

@@ -28,6 +28,7 @@ import hashlib
 import os
 import re
 import tempfile
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -75,6 +76,10 @@ class TextSource:
     texts: Callable[[int], Iterator[str]]
 
 
+# The world corpus last read for a model (dropped with the model): (world.json's digest, its texts).
+_WORLD_CORPORA: weakref.WeakKeyDictionary[LoadedModel, tuple[str, list[str]]] = weakref.WeakKeyDictionary()
+
+
 def text_source(model: LoadedModel, source: str | Path | Sequence[str] = "auto", *, max_tokens: int = 128,
                 seed: int = 0, top_k: int = 5) -> TextSource:
     """Resolve a source spec: a list of strings, ``"auto"``, ``"world"``, ``"model"``, ``"hf:NAME[:CONFIG]"``, or
@@ -102,12 +107,17 @@ def text_source(model: LoadedModel, source: str | Path | Sequence[str] = "auto",
                              "corpus; use source 'model', a text file, or a list of strings")
         from mechedit.toy.world import World
 
-        raw = world_file.read_bytes()
-        try:
-            corpus = [t for t in World.load(world_file).corpus() if t.strip()]
-        except (ValueError, KeyError, TypeError) as e:
-            raise DataFormatError(f"{world_file} is not a readable world file ({type(e).__name__}: {e})") from e
-        return TextSource(f"world-{_sha(raw)}", f"world corpus of {world_file}", len(corpus),
+        digest = _sha(world_file.read_bytes())
+        memo = _WORLD_CORPORA.get(model)
+        if memo is not None and memo[0] == digest:
+            corpus = memo[1]  # every edit asks; building the corpus costs more than a small model's edit step
+        else:
+            try:
+                corpus = [t for t in World.load(world_file).corpus() if t.strip()]
+            except (ValueError, KeyError, TypeError) as e:
+                raise DataFormatError(f"{world_file} is not a readable world file ({type(e).__name__}: {e})") from e
+            _WORLD_CORPORA[model] = (digest, corpus)
+        return TextSource(f"world-{digest}", f"world corpus of {world_file}", len(corpus),
                           lambda n: iter(corpus[:n]))
     if spec == "model":
         from mechedit.editing.generate import iter_sampled_texts
@@ -212,6 +222,10 @@ def stream_keys(model: LoadedModel, layer: int, texts: Iterable[str], *, max_tok
 # -- the cache ----------------------------------------------------------------------------------------------------
 
 
+# key_fingerprint's memo per model (dropped with the model): versions of the hashed parameters -> fingerprint.
+_KEY_FINGERPRINTS: weakref.WeakKeyDictionary[LoadedModel, dict[tuple, str]] = weakref.WeakKeyDictionary()
+
+
 def key_fingerprint(model: LoadedModel, layer: int) -> str:
     """A hash of the weights that ``layer``'s keys depend on: the embeddings, every layer below, and ``layer``
     itself except its MLP output projection - not the layers above, the final norm or the unembedding.
@@ -226,12 +240,23 @@ def key_fingerprint(model: LoadedModel, layer: int) -> str:
     downstream += [resolve_module(root, arch.final_norm), resolve_module(root, arch.unembed)]
     embedding = {id(p) for p in resolve_module(root, arch.embed).parameters()}  # tied unembedding: still upstream
     skip = {id(p) for mod in downstream for p in mod.parameters()} - embedding
+    params = sorted(((canonical_param_name(n), p) for n, p in root.named_parameters() if id(p) not in skip),
+                    key=lambda t: t[0])
+    # Hashing is a pass over most of the weights (an embedding-sized one at least); it is remembered against the
+    # parameters' identities and in-place version counters, as LoadedModel.fingerprint is, so an edit and its
+    # restore at this layer or above - which never touch these parameters - do not hash them again.
+    versions = (layer, len(model.tokenizer), tuple((name, id(p), p._version) for name, p in params))
+    memo = _KEY_FINGERPRINTS.setdefault(model, {})
+    if versions in memo:
+        return memo[versions]
     h = hashlib.sha256(f"{model.architecture}|layer {layer}|vocab {len(model.tokenizer)}".encode())
-    for name, p in sorted(((canonical_param_name(n), p) for n, p in root.named_parameters()), key=lambda t: t[0]):
-        if id(p) not in skip:
-            h.update(name.encode())
-            h.update(p.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    for name, p in params:
+        h.update(name.encode())
+        h.update(p.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
+    if len(memo) >= 4 * model.n_layers:
+        memo.pop(next(iter(memo)))  # the oldest
+    memo[versions] = h.hexdigest()[:16]
+    return memo[versions]
 
 
 def stats_path(key_fp: str, layer: int, source_id: str, n_samples: int, max_tokens: int) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -63,6 +64,53 @@ def pad_right(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> torch.Tensor:
     return out
 
 
+@dataclass(frozen=True, eq=False)
+class SplitBatch:
+    """Rows of token ids cut in two at one position each, laid out so every row's cut lands on one column.
+
+    The part before each cut is left-padded to ``P`` columns, the rest right-padded to ``S``: column ``P + j`` of
+    the whole holds token ``cut_i + j`` of row ``i``. Position ids are each token's position in its own row, and
+    the attention mask hides the left padding, so every real token computes what it computes in its row alone
+    (up to floating-point noise). Run ``prefix`` once with a KV cache, then ``suffix`` against that cache.
+    """
+
+    prefix: torch.Tensor  # (B, P) long: tokens before each row's cut, left-padded
+    suffix: torch.Tensor  # (B, S) long: the cut token and after, right-padded
+    attention_mask: torch.Tensor  # (B, P + S) long: 0 on the prefix's left padding, else 1
+    positions: torch.Tensor  # (B, P + S) long: each token's position in its own row (0 on padding)
+    cuts: tuple[int, ...]  # the cut position in each row
+
+    @property
+    def width(self) -> int:
+        """P: the columns before the cut."""
+        return self.prefix.shape[1]
+
+    def column(self, row: int, position: int) -> int:
+        """The suffix column of token ``position`` of ``row`` (which must be at or after the row's cut)."""
+        j = position - self.cuts[row]
+        if not 0 <= j < self.suffix.shape[1]:
+            raise ValueError(f"position {position} of row {row} is before its cut {self.cuts[row]}")
+        return j
+
+
+def split_rows(seqs: Sequence[Sequence[int]], cuts: Sequence[int], pad_id: int = 0) -> SplitBatch:
+    """Lay out ``seqs`` as a :class:`SplitBatch` cut at ``cuts`` (``0 <= cut < len(row)``)."""
+    if any(not 0 <= c < len(s) for s, c in zip(seqs, cuts, strict=True)):
+        raise ValueError("every cut must fall inside its row")
+    width = max(cuts)
+    tail = max(len(s) - c for s, c in zip(seqs, cuts))
+    ids = torch.full((len(seqs), width + tail), pad_id, dtype=torch.long)  # (B, P + S)
+    mask = torch.zeros_like(ids)
+    positions = torch.zeros_like(ids)
+    for i, (s, c) in enumerate(zip(seqs, cuts)):
+        off = width - c  # left padding of this row
+        ids[i, off: off + len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, off:] = 1  # right padding after the row's end may be attended: nothing real comes after it
+        positions[i, off:] = torch.arange(width + tail - off)
+    return SplitBatch(prefix=ids[:, :width], suffix=ids[:, width:], attention_mask=mask, positions=positions,
+                      cuts=tuple(cuts))
+
+
 def subject_prompt(model: LoadedModel, text: str, subject: str) -> tuple[list[int], tuple[int, int]]:
     """Token ids of ``text`` as the model reads it, and the [start, end) token range of ``subject`` in it."""
     ids = model.encode(text)
@@ -77,3 +125,16 @@ def lookup_index(n_prompt_tokens: int, subject_range: tuple[int, int], key_posit
 
 def prompt_lookup_index(prompt: Prompt, key_position: str) -> int:
     return lookup_index(len(prompt.ids), prompt.subject_range, key_position)
+
+
+@contextmanager
+def add_to_mlp_output(model: LoadedModel, layer: int, fn) -> Iterator[None]:
+    """While active, the output of ``layer``'s MLP output projection - (B, T, d_model) - is replaced by
+    ``fn(output)`` in every forward (a forward hook on that HF module, removed in a ``finally``). In every
+    supported architecture nothing but (inactive) dropout follows that projection inside the MLP, so this is
+    the MLP's output: the bridge's ``blocks.L.hook_mlp_out``."""
+    handle = model.module(layer, "mlp_out").register_forward_hook(lambda mod, args, out: fn(out))
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -30,6 +30,7 @@ weight changes: a tiny denominator, a norm out of proportion with ``W`` or a non
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -164,13 +165,34 @@ def choose_layer(model: LoadedModel, request: EditRecord, hparams: ROMEHyperPara
     }
 
 
+# Sampled context templates per model (dropped with the model), keyed by the weights' fingerprint and the sampling
+# hparams: sampling ~20 prefixes costs more than the rest of a small model's edit, and the same weights with the
+# same seed always sample the same text. At most _TEMPLATE_CACHE_SIZE entries per model (sequential edits change
+# the fingerprint each time).
+_TEMPLATE_CACHE: weakref.WeakKeyDictionary[LoadedModel, dict[tuple, tuple[str, ...]]] = weakref.WeakKeyDictionary()
+_TEMPLATE_CACHE_SIZE = 8
+
+
 def context_templates(model: LoadedModel, hparams: ROMEHyperParams) -> list[str]:
     """``"{}"`` (the bare prompt) followed by one template per context prefix: the given ``context_prefixes``
     (``"<prefix> {}"``), or text sampled from the model as ROME does (``"<text>. {}"``; top-k sampling from BOS,
-    ``prefix_lengths`` (tokens, count) groups). Braces are removed from prefixes."""
+    ``prefix_lengths`` (tokens, count) groups). Braces are removed from prefixes.
+
+    Sampled templates are remembered for this model object while its weights stay the same (ROME itself samples
+    them once per run); a weight change, or other sampling hparams, samples afresh."""
     if hparams.context_prefixes is not None:
         prefixes = [p.replace("{", "").replace("}", "").strip() for p in hparams.context_prefixes]
         return ["{}"] + [f"{p} {{}}" for p in prefixes if p]
+    key = (model.fingerprint(), hparams.prefix_lengths, hparams.prefix_top_k, hparams.seed)
+    cache = _TEMPLATE_CACHE.setdefault(model, {})
+    if key not in cache:
+        if len(cache) >= _TEMPLATE_CACHE_SIZE:
+            cache.pop(next(iter(cache)))  # the oldest
+        cache[key] = tuple(_sample_templates(model, hparams))
+    return list(cache[key])
+
+
+def _sample_templates(model: LoadedModel, hparams: ROMEHyperParams) -> list[str]:
     from mechedit.editing.generate import sample_texts
 
     templates = ["{}"]
