@@ -41,7 +41,7 @@ def edit_dir(tmp_path_factory, embedded) -> Path:
 
     torch.set_num_threads(1)
     d = tmp_path_factory.mktemp("edit") / "out"
-    res = invoke("edit", "--out", d, "--report")
+    res = invoke("edit", "--out", d, "--report", "--no-evaluate")  # evaluated below, smaller
     assert res.exit_code == 0, res.output
     assert f"wrote {d / 'report.html'}" in res.output
     handle = EditHandle.load(d / "edit")
@@ -120,6 +120,44 @@ def test_edit_report_traces_when_no_trace_is_saved(edit_dir, embedded, tmp_path)
     n = 1 + len(record.paraphrases) + len(record.neighborhood)
     assert sections(text)["before-after-answers"].count("<tr class=") == n
     assert "Once upon a time" in sections(text)["free-generations"]
+
+
+def test_many_changed_parameters_are_drawn_not_listed(edit_dir, embedded, tmp_path):
+    """A handle that changes every parameter (as full fine-tuning does): the relative change per parameter is
+    a bar chart, the table is folded, and no rank is computed; each row's norms are the delta's and weight's."""
+    import shutil
+
+    from mechedit.model import canonical_param_name
+
+    g = torch.Generator().manual_seed(0)
+    params = {canonical_param_name(n): p for n, p in embedded.hf_model.named_parameters()}
+    deltas = {n: 1e-3 * torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in params.items()}
+    handle = EditHandle("ft", deltas, {"lr": 1e-3}, EditHandle.load(edit_dir / "edit").requests, embedded.name,
+                        embedded.fingerprint(), {"losses": [3.0, 1.0, 0.5]})
+    d = tmp_path / "ft"
+    handle.save(d / "edit")
+    shutil.copy(edit_dir / TRACE_FILE, d / TRACE_FILE)
+    text = write_edit_report(d, model=embedded).read_text()
+    names = re.findall(r'class="figure report-figure" data-name="([^"]+)"', text)
+    assert names == ["causal-trace", "evidence-losses", "deltas"]
+    edit_html = sections(text)["the-edit"]
+    assert f"<summary>all {len(deltas)} parameters</summary>" in edit_html and "rank(Δ)" not in edit_html
+    name = next(iter(deltas))
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", re.search(rf"<tr><td>{re.escape(name)}</td>(.*?)</tr>",
+                                                           edit_html).group(1))
+    assert float(cells[1]) == pytest.approx(float(deltas[name].norm()), rel=1e-3)
+    assert float(cells[2]) == pytest.approx(float(params[name].detach().norm()), rel=1e-3)
+
+
+def test_every_result_type_is_known_to_the_study_page():
+    """Each JsonResult subclass with a format, wherever it is defined in mechedit, is drawn by the study page."""
+    from mechedit.report.study import result_types
+
+    src = Path(__file__).resolve().parents[1] / "src" / "mechedit"
+    defined = {m for f in src.rglob("*.py") for m in re.findall(r"^class (\w+)\(JsonResult\)", f.read_text(), re.M)}
+    known = {cls.__name__ for cls in result_types().values()}
+    assert defined - known <= {"SiteScores"}  # a base class without a format of its own
+    assert "CausalTraceResult" in known and "TraceSummary" in known
 
 
 def test_report_errors_are_one_line(tmp_path, edit_dir, tiny_dir):

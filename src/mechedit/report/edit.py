@@ -41,6 +41,7 @@ REPORT_FILE = "report.html"
 MAX_NEW_TOKENS = 24  # free generations: greedy tokens after each prompt
 MAX_RANK_NUMEL = 4_000_000  # the rank column is computed for changes of at most this many entries ...
 MAX_RANK_PARAMS = 16  # ... and only when at most this many parameters changed (full fine-tuning: skipped)
+MAX_DELTA_ROWS = 16  # more changed parameters than this: a bar chart, with the table folded below it
 
 Progress = Callable[[str], None]
 
@@ -205,15 +206,21 @@ def _trace_section(page: Page, trace, source: str) -> None:
 
 
 def _is_series(name: str, v) -> bool:
-    """A training curve: a list of dicts of numbers (one per step), or a list of numbers named ``*loss*``; at
-    least two long. (Other lists of numbers, such as token positions, are not curves.)"""
-    if not isinstance(v, list) or len(v) < 2:
+    """A training curve: a list named ``*loss*`` of numbers or of dicts of numbers (one per step), at least two
+    long. (Other lists of numbers, such as token positions, are not curves.)"""
+    if "loss" not in name or not isinstance(v, list) or len(v) < 2:
         return False
     num = (int, float)
-    if all(isinstance(x, dict) and x and all(isinstance(y, num) and not isinstance(y, bool) for y in x.values())
-           for x in v):
-        return True
-    return "loss" in name and all(isinstance(x, num) and not isinstance(x, bool) for x in v)
+    return (all(isinstance(x, num) and not isinstance(x, bool) for x in v)
+            or all(isinstance(x, dict) and x and all(isinstance(y, num) and not isinstance(y, bool)
+                                                     for y in x.values()) for x in v))
+
+
+def _is_rows(v) -> bool:
+    """A small table: a list of flat dicts (e.g. MEMIT's per-layer notes)."""
+    return (isinstance(v, list) and 0 < len(v) <= 200
+            and all(isinstance(x, dict) and all(y is None or isinstance(y, (str, int, float, bool))
+                                                for y in x.values()) for x in v))
 
 
 def _series_figure(name: str, v: list):
@@ -263,13 +270,29 @@ def _locate_section(page: Page, handle) -> None:
                and (v is None or isinstance(v, (str, int, float, bool)))}
     if scalars:
         parts.append("<h3>Other evidence</h3>" + key_values(scalars))
+    shown = set(decision) | set(scalars)
     for k, v in ev.items():
-        if k not in decision and _is_series(k, v):
+        if k not in shown and _is_series(k, v):
             parts.append(page.figure(_series_figure(k, v), f"evidence-{k}"))
-    rest = {k: v for k, v in ev.items() if k not in decision and k not in scalars and not _is_series(k, v)}
+            shown.add(k)
+        elif k not in shown and _is_rows(v):
+            parts.append(f"<h3>{esc(k)}</h3>" + table(v))
+            shown.add(k)
+    rest = {k: v for k, v in ev.items() if k not in shown}
     if rest:
         parts.append(details(f"the rest of the evidence ({', '.join(rest)})", json_block(rest)))
     page.section("Locate decision and evidence", *parts)
+
+
+def _delta_figure(deltas: list[dict]):
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Bar(x=[r["parameter"] for r in deltas], y=[r["‖Δ‖/‖W‖"] for r in deltas],
+                           customdata=[r["‖Δ‖"] for r in deltas],
+                           hovertemplate="%{x}<br>‖Δ‖/‖W‖ = %{y:.4g}<br>‖Δ‖ = %{customdata:.4g}<extra></extra>"))
+    fig.update_layout(title="relative change per parameter (‖Δ‖/‖W‖)", yaxis_title="‖Δ‖/‖W‖", height=420,
+                      width=max(720, 14 * len(deltas)), margin=dict(t=50, b=160), xaxis_tickangle=-60)
+    return fig
 
 
 def _edit_section(page: Page, handle, deltas: list[dict]) -> None:
@@ -282,7 +305,12 @@ def _edit_section(page: Page, handle, deltas: list[dict]) -> None:
             ["rank(Δ)"] if any("rank(Δ)" in r for r in deltas) else [])
         total = sum(r["‖Δ‖"] ** 2 for r in deltas) ** 0.5
         parts.append(f"<h3>Change per parameter</h3><p>{len(deltas)} parameter(s) changed; ‖Δ‖ over all of "
-                     f"them {total:.4g}.</p>" + table(deltas, cols))
+                     f"them {total:.4g}.</p>")
+        if len(deltas) <= MAX_DELTA_ROWS:
+            parts.append(table(deltas, cols))
+        else:  # full fine-tuning and the like: the relative change per parameter as bars, the table folded
+            parts.append(page.figure(_delta_figure(deltas), "deltas"))
+            parts.append(details(f"all {len(deltas)} parameters", table(deltas, cols)))
     if handle.adapter is not None:
         parts.append(details("adapter configuration (peft)", json_block(handle.adapter["config"])))
     parts.append("<h3>Hyperparameters</h3>" + key_values(handle.hparams))

@@ -31,12 +31,21 @@ SUFFIXES = (".md", ".json", ".png")
 
 
 def result_types() -> dict[str, type]:
-    """Every saved-result type mechedit knows, by its ``format`` tag (``mechedit.causal_trace/1`` → class)."""
-    import mechedit.evaluation  # noqa: F401 - registers its result types as JsonResult subclasses
-    import mechedit.locating  # noqa: F401
-    import mechedit.tracing  # noqa: F401
+    """Every saved-result type mechedit defines, by its ``format`` tag (``mechedit.causal_trace/1`` → class).
+
+    The modules that define one (a ``class X(JsonResult)`` line in their source) are imported first, so a new
+    result type is drawn here without being listed anywhere."""
+    import importlib
+    import re
+
+    import mechedit
     from mechedit.results import JsonResult
 
+    root = Path(mechedit.__file__).parent
+    for f in sorted(root.rglob("*.py")):
+        if re.search(r"^class \w+\(JsonResult\)", f.read_text(encoding="utf-8"), flags=re.M):
+            parts = f.relative_to(root.parent).with_suffix("").parts
+            importlib.import_module(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
     found, todo = {}, list(JsonResult.__subclasses__())
     while todo:
         cls = todo.pop()
@@ -72,10 +81,8 @@ def _json_parts(page: Page, path: Path, types: dict[str, type], name: str) -> li
             result = types[fmt].load(path)
         except DataFormatError as e:
             return [f'<p class="note bad">{esc(e)}</p>']
-        parts = [f'<p class="note">{esc(fmt)}</p>', page.figure(result.plot(), name)]
-        if hasattr(result, "to_frame"):
-            parts.append(details("rows (to_frame)", frame_table(result.to_frame())))
-        return parts
+        return [f'<p class="note">{esc(fmt)}</p>', page.figure(result.plot(), name),
+                details("rows (to_frame)", frame_table(result.to_frame()))]
     if isinstance(data, list) and data and all(isinstance(r, dict) for r in data):
         return [table(data)]
     if isinstance(data, dict):
