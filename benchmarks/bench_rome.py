@@ -109,12 +109,12 @@ def main() -> None:
     fast_compute_v = rome_main.compute_v
     rows = []
     for r in recs:
-        fast, f_wall, f_cpu = timed(lambda: rome(m, r, hp))
+        fast, f_wall, f_cpu = timed(lambda r=r: rome(m, r, hp))
         fast.restore()
         rome_main._TEMPLATE_CACHE.pop(m, None)  # ROME samples the prefixes on every edit
         rome_main.compute_v = cv.compute_v_reference
         try:
-            ref, r_wall, r_cpu = timed(lambda: rome(m, r, hp))
+            ref, r_wall, r_cpu = timed(lambda r=r: rome(m, r, hp))
         finally:
             rome_main.compute_v = fast_compute_v
         ref.restore()

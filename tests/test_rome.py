@@ -23,11 +23,17 @@ import shutil
 
 import pytest
 import torch
+from conftest import load_sharp
 
 import mechedit
-from conftest import load_sharp
 from mechedit.data import EditRecord
-from mechedit.editing import EditHandle, ROMEHyperParams, export_model, layer_stats, rome
+from mechedit.editing import (
+    EditHandle,
+    ROMEHyperParams,
+    export_model,
+    layer_stats,
+    rome,
+)
 from mechedit.editing.rome import layer_stats as stats_module
 from mechedit.editing.rome.layer_stats import key_fingerprint, text_source
 from mechedit.errors import DataFormatError, InputError, MecheditError
@@ -530,8 +536,7 @@ def test_value_with_cached_prefixes_equals_the_whole_prompt_reference(sharp, arc
 
 
 def test_sampled_templates_are_remembered_until_the_weights_change(sharp, monkeypatch):
-    from mechedit.editing.rome import context_templates
-    from mechedit.editing.rome import rome_main
+    from mechedit.editing.rome import context_templates, rome_main
 
     m = sharp("llama")
     calls = []
