@@ -46,6 +46,7 @@ TL_FUNCTIONS = {  # our component -> (transformer_lens.patching function, permut
     "v_by_pos": ("get_act_patch_attn_head_v_by_pos", (0, 2, 1)),
     "pattern_by_pos": ("get_act_patch_attn_head_pattern_by_pos", None),
 }
+CLOCK = [time.perf_counter]  # set by --clock: wall time, or this process's CPU time
 SUBJECT = "Voupeis Draexmir"
 TEMPLATE = "{} was born in the city of"
 
@@ -93,10 +94,10 @@ def time_tl(m, component: str, clean: str, corrupted: str, answer: int, foil: in
     with torch.no_grad():
         _, cache = m.bridge.run_with_cache(clean_x)
         _sync(m.device)
-        t0 = time.perf_counter()
+        t0 = CLOCK[0]()
         out = getattr(tlp, name)(m.bridge, corrupted_x, cache, metric)
         _sync(m.device)
-        seconds = time.perf_counter() - t0
+        seconds = CLOCK[0]() - t0
     out = out.permute(*perm) if perm else out
     return seconds, out.float().cpu()
 
@@ -105,10 +106,10 @@ def time_mechedit(m, component: str, clean: str, corrupted: str, batch_size: int
     from mechedit.tracing import PatchingConfig, activation_patching
 
     _sync(m.device)
-    t0 = time.perf_counter()
+    t0 = CLOCK[0]()
     r = activation_patching(m, clean, corrupted, config=PatchingConfig(components=(component,), batch_size=batch_size))
     _sync(m.device)
-    return time.perf_counter() - t0, r
+    return CLOCK[0]() - t0, r
 
 
 def _sync(device) -> None:
@@ -116,7 +117,7 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def bench(m, what: str, clean: str, corrupted: str, components: list[str], batch_size: int) -> None:
+def bench(m, what: str, clean: str, corrupted: str, components: list[str], batch_size: int, repeat: int) -> None:
     # warm-up (the first forwards allocate), and the answer and foil both sides score
     _, first = time_mechedit(m, components[0], clean, corrupted, batch_size)
     answer, foil = first.answer_ids[0], first.foil_id
@@ -127,8 +128,12 @@ def bench(m, what: str, clean: str, corrupted: str, components: list[str], batch
           f"{'value range':>13}")
     tl_total = ours_total = 0.0
     for c in components:
-        ours_s, r = time_mechedit(m, c, clean, corrupted, batch_size)
-        tl_s, tl_out = time_tl(m, c, clean, corrupted, answer, foil)
+        ours_s = tl_s = float("inf")
+        for _ in range(repeat):  # interleaved; the fastest of each (least disturbed by other processes)
+            seconds, r = time_mechedit(m, c, clean, corrupted, batch_size)
+            ours_s = min(ours_s, seconds)
+            seconds, tl_out = time_tl(m, c, clean, corrupted, answer, foil)
+            tl_s = min(tl_s, seconds)
         diff = float((r.values[c] - tl_out).abs().max())
         spread = float(r.values[c].max() - r.values[c].min())
         tl_total, ours_total = tl_total + tl_s, ours_total + ours_s
@@ -149,6 +154,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=128, help="mechedit rows per forward")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="time each side this many times, interleaved, and keep the fastest (default 3): on a "
+                         "shared CPU the fastest run is the one least slowed by other processes")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default=None,
+                    help="what to time: 'wall' (elapsed time) or 'cpu' (this process's CPU time, which other "
+                         "processes on a shared machine disturb far less; single-threaded CPU runs only). "
+                         "Default: cpu for a CPU run with one thread, else wall")
+    ap.add_argument("--built-in", default=",".join(BUILT_IN),
+                    help=f"without --model: which built-in random models, comma-separated (default all: "
+                         f"{','.join(BUILT_IN)})")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -159,14 +174,22 @@ def main() -> None:
     if args.model is not None and (args.clean is None or args.corrupted is None):
         ap.error("--model needs --clean and --corrupted")
     kind = torch.device(args.device).type
+    clock = args.clock or ("cpu" if kind == "cpu" and args.threads == 1 else "wall")
+    if clock == "cpu" and (kind != "cpu" or args.threads != 1):
+        ap.error("--clock cpu measures one thread's work on the CPU: use it with --device cpu --threads 1")
+    CLOCK[0] = time.process_time if clock == "cpu" else time.perf_counter
     device = torch.cuda.get_device_name() if kind == "cuda" else (platform.processor() or platform.machine())
     print(f"device:  {args.device} ({device}); torch {torch.__version__}; threads {torch.get_num_threads()}; "
-          f"mechedit batch size {args.batch_size}\n")
+          f"mechedit batch size {args.batch_size}; fastest of {args.repeat} interleaved runs per side; "
+          f"clock: {clock} time\n")
 
     import mechedit
 
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [(args.model, None)] if args.model is not None else [(None, name) for name in BUILT_IN]
+        names = [n.strip() for n in args.built_in.split(",") if n.strip()]
+        if args.model is None and (not names or any(n not in BUILT_IN for n in names)):
+            ap.error(f"--built-in takes names among {list(BUILT_IN)}, got {args.built_in!r}")
+        runs = [(args.model, None)] if args.model is not None else [(None, name) for name in names]
         for model, name in runs:
             if name is not None:
                 m, clean, corrupted = built_in_model(name, Path(tmp) / name)
@@ -176,7 +199,7 @@ def main() -> None:
                 what = f"{model} ({m.architecture}, {m.n_layers} layers, {m.n_heads} heads / {m.n_kv_heads} kv)"
             if name is not None and kind != "cpu":
                 m.hf_model.to(args.device)
-            bench(m, what, clean, corrupted, components, args.batch_size)
+            bench(m, what, clean, corrupted, components, args.batch_size, args.repeat)
 
 
 if __name__ == "__main__":

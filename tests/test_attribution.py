@@ -96,7 +96,10 @@ def test_exact_under_noise_corruption_too(sharp):
     with linear_final_norm(m):
         est = attribution_patching(m, CLEAN, None, subject=SUBJECT, config=cfg)
         exact = activation_patching(m, CLEAN, None, subject=SUBJECT, config=cfg)
-    assert est.corrupted_metric == exact.corrupted_metric and est.noise_scale == exact.noise_scale
+    # the same noise: the same corrupted runs (up to float rounding: activation patching runs them in a batch
+    # with its patched rows, and a matrix product's rounding may depend on the batch size)
+    assert est.noise_scale == exact.noise_scale
+    assert est.corrupted_metric == pytest.approx(exact.corrupted_metric, abs=1e-5)
     for c in cfg.components:
         torch.testing.assert_close(est.values[c][-1], exact.values[c][-1], atol=1e-5, rtol=0)
 

@@ -286,7 +286,7 @@ def test_no_hook_remains_after_a_hook_raises(sharp, monkeypatch, corrupted):
             raise RuntimeError("boom inside a hook")
         return fn
 
-    monkeypatch.setattr(patching_module, "_write", exploding)
+    monkeypatch.setattr(patching_module, "_copy_slice", exploding)
     with pytest.raises(RuntimeError, match="boom"):
         activation_patching(m, CLEAN, corrupted, components=("resid_mid",))
     assert live_hooks(m) == []
@@ -446,3 +446,39 @@ def test_result_records_model_and_config(sharp, llama_result, corrupted):
     assert r.tokens == m.token_strings(m.encode(CLEAN)) and r.corrupted_tokens == m.token_strings(m.encode(corrupted))
     assert r.subject is None and r.subject_range is None and r.corrupted_prompt == corrupted
     assert r.config.components == ALL and math.isfinite(r.clean_metric)
+
+
+def test_noise_corruption_equals_transformer_lens_under_the_same_noise(sharp):
+    """Under noise every forward carries its own sample's corrupted reference row (all samples in the first
+    forward): per-sample transformer_lens patching under a hook adding that sample's noise, averaged, agrees.
+    A small batch size makes several forwards per sample."""
+    import transformer_lens.patching as tlp
+
+    from mechedit.tracing.causal import EMBED_HOOK, _add_noise
+    from mechedit.tracing.common import draw_noise, hooks
+
+    m = sharp("llama")
+    comps = ("resid_pre", "z")
+    r = activation_patching(m, CLEAN, None, subject=SUBJECT, config=PatchingConfig(
+        components=comps, samples=3, batch_size=5, seed=4))
+    start, end = r.subject_range
+    noise = draw_noise(3, end - start, m.d_model, r.noise_scale, 4)  # what the tracer drew
+    clean = torch.tensor([m.encode(CLEAN)])
+    answer, foil = r.answer_ids[0], r.foil_id
+
+    def metric(logits):
+        return logits[0, -1, answer] - logits[0, -1, foil]
+
+    with torch.no_grad():
+        _, cache = m.bridge.run_with_cache(clean)
+        for c in comps:
+            per_sample = []
+            for s in range(3):
+                with hooks(m, [(EMBED_HOOK, _add_noise(noise[s: s + 1], start, end))]):
+                    name, perm = TL_FUNCTIONS[c]
+                    out = getattr(tlp, name)(m.bridge, clean, cache, metric)
+                per_sample.append(out.permute(*perm) if perm else out)
+            theirs = torch.stack(per_sample).mean(0).float()
+            torch.testing.assert_close(r.values[c], theirs, atol=2e-4, rtol=0, msg=c)
+    assert float(r.values["z"].max() - r.values["z"].min()) > 0.1  # the comparison means something
+    assert live_hooks(m) == []

@@ -57,13 +57,15 @@ Gaussian noise on the subject's token embeddings (ROME's corruption, the same no
 :mod:`mechedit.tracing.causal`), every score averaged over ``config.samples`` noise samples drawn from
 ``config.seed``.
 
-Batching. Every entry of every component is one row of a batch, ``config.batch_size`` rows per forward: a
-hook per (hook point, component) writes each row's one patched slice. A row equals the base run below the
-layer it patches, so each row starts at its own layer: the prompt is read once (batch 1) up to a forward's
-first patched layer and expanded there, and the rows of each later layer are appended to the batch where that
-layer begins, from the base run's cached residual stream. Only the answer positions are unembedded, and
-without a target the clean run also gives the greedy answer. ``transformer_lens.patching`` runs one full forward per entry; this
-gives the same numbers many times faster (``benchmarks/bench_patching.py``).
+Batching. Every entry of every component is one row of a batch, ``config.batch_size`` rows per forward, and
+the clean and corrupted runs are rows of the same forwards (no separate runs, no activation cache): each
+forward reads the clean prompt once (batch 1), turns it into the reference rows (clean, corrupted) where the
+first layer begins, and appends each patched row where its own layer begins, as a copy of the base reference
+row there: a row equals the base run below the layer it patches, so no row computes those layers. A hook per
+(hook point, component) copies each row's one patched slice from the source reference row of the same batch.
+Only the answer positions are unembedded, and without a target the clean row also gives the greedy answer.
+``transformer_lens.patching`` runs one full forward per entry; this gives the same numbers many times faster
+(``benchmarks/bench_patching.py``).
 
 >>> import mechedit
 >>> from mechedit.tracing import activation_patching, PatchingConfig
@@ -79,7 +81,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import ClassVar, NamedTuple
 
@@ -89,8 +91,21 @@ from mechedit.errors import DataFormatError, InputError
 from mechedit.model import LoadedModel
 from mechedit.results import JsonResult
 from mechedit.sites import HEAD_COMPONENTS, KV_COMPONENTS, RESIDUAL_COMPONENTS, Site
-from mechedit.tracing.causal import EMBED_HOOK, CausalTraceConfig, Progress, _add_noise, resolve_noise
-from mechedit.tracing.common import HookFn, Prompt, draw_noise, encode_target, hooks, prepare_prompt
+from mechedit.tracing.causal import (
+    EMBED_HOOK,
+    CausalTraceConfig,
+    Progress,
+    _add_noise,
+    resolve_noise,
+)
+from mechedit.tracing.common import (
+    HookFn,
+    Prompt,
+    draw_noise,
+    encode_target,
+    hooks,
+    prepare_prompt,
+)
 
 FORMAT = "mechedit.patching/1"
 DIRECTIONS = ("denoise", "noise")
@@ -200,12 +215,13 @@ def check_components(model: LoadedModel, config: PatchingConfig) -> list[Compone
     """The config's components, each checked against the model: its hook exists in every layer, and the
     requested layers and heads are in range (through :meth:`Site.validate`)."""
     layers = config.layers if config.layers is not None else range(model.n_layers)
+    hook_dict = model.bridge.hook_dict  # built anew on each access: read it once
     out = []
     for name in config.components:
         comp = COMPONENTS[name]
         for layer in layers:
             site = model.site(Site(layer, comp.site))  # layer out of range -> SiteError
-            if site.hook_name not in model.bridge.hook_dict:
+            if site.hook_name not in hook_dict:
                 why = (" (its attention and MLP read the same residual stream in parallel, so there is no "
                        "residual stream between them)" if comp.site == "resid_mid" else "")
                 raise InputError(f"component {name!r}: this {model.architecture} model has no hook "
@@ -247,23 +263,35 @@ class Contrast:
         return float(self.values[side].detach().mean())
 
 
-def prepare_contrast(model: LoadedModel, clean_prompt: str, corrupted_prompt: str | None, *,
-                     subject: str | None, target: str | None, foil: str | None, config: PatchingConfig,
-                     cache: dict[str, Sequence[str]], grad_side: str | None = None) -> Contrast:
-    """Read both prompts, run each side once, fix the foil and the metric.
+@dataclass(frozen=True, eq=False)
+class Corruption:
+    """The clean and the corrupted input, before anything has run. Without a target the answer in ``prompt`` is
+    a one-token placeholder until the clean run's logits fix it (:func:`finish_contrast`)."""
 
-    Args:
-        cache: side -> hook names whose activations to keep from that side's run.
-        grad_side: the side whose run keeps its autograd graph (attribution patching), or None.
-    """
+    prompt: Prompt
+    inputs: dict[str, torch.Tensor]  # side -> (1, T) model input (the prompt, then the answer but its last token)
+    corrupted_tokens: tuple[str, ...]
+    differing: tuple[int, ...]
+    noise: torch.Tensor | None  # (S, n_subject_tokens, d_model) or None
+    noise_scale: float | None
+
+    @property
+    def n_samples(self) -> int:
+        return 1 if self.noise is None else self.noise.shape[0]
+
+
+def corruption(model: LoadedModel, clean_prompt: str, corrupted_prompt: str | None, *, subject: str | None,
+               target: str | None, foil: str | None, config: PatchingConfig) -> Corruption:
+    """Read both prompts and check them (nothing runs): the clean prompt and its answer, the corrupted input
+    (another prompt aligned token for token, or the clean one with noise drawn for the subject's tokens)."""
     if corrupted_prompt is None and subject is None:
         raise InputError("pass either a corrupted prompt (same number of tokens as the clean one) or subject=: "
                          "the words of the clean prompt to corrupt with noise")
     if foil is not None and config.metric != "logit_diff":
         raise InputError(f"foil is only used by metric='logit_diff' (this run uses {config.metric!r}); "
                          "leave it out")
-    # without a target the answer is the clean run's greedy next token, read off the clean run below (its input,
-    # the prompt alone, does not depend on it): a placeholder until then
+    # without a target the answer is the clean run's greedy next token, read off the clean run (its input, the
+    # prompt alone, does not depend on it): a placeholder until then
     p = prepare_prompt(model, clean_prompt, subject, target, answer_ids=None if target is not None else [0])
     if config.metric == "logit_diff" and len(p.answer_ids) != 1:
         raise InputError(f"metric 'logit_diff' compares one answer token with one foil token, but the answer "
@@ -288,12 +316,22 @@ def prepare_contrast(model: LoadedModel, clean_prompt: str, corrupted_prompt: st
                 "with subject= to corrupt the subject with noise instead")
         corrupted_x = torch.tensor([[*ids, *p.answer_ids[:-1]]], device=model.device)  # (1, T)
         differing = tuple(int(i) for i in (corrupted_x[0] != clean_x[0]).nonzero()[:, 0])
-    inputs = {"clean": clean_x, "corrupted": corrupted_x}
+    return Corruption(prompt=p, inputs={"clean": clean_x, "corrupted": corrupted_x},
+                      corrupted_tokens=tuple(model.token_strings(corrupted_x[0].tolist())), differing=differing,
+                      noise=noise, noise_scale=scale)
 
-    logits, acts = {}, {}
-    for side in SIDES:
-        logits[side], acts[side] = run_side(model, inputs[side], len(p.answer_ids), noise if side == "corrupted"
-                                            else None, p.subject_range, cache.get(side, ()), grad=side == grad_side)
+
+def finish_contrast(model: LoadedModel, cor: Corruption, *, target: str | None, foil: str | None,
+                    config: PatchingConfig, logits: dict[str, torch.Tensor],
+                    acts: dict[str, dict[str, torch.Tensor]]) -> Contrast:
+    """The contrast once both sides have run: the answer (the clean run's greedy token without a target), the
+    foil, the metric, and each side's metric.
+
+    Args:
+        logits: side -> (R_side, A, V) logits at the answer positions (clean: 1 row; corrupted: one per sample).
+        acts: side -> hook name -> activations kept from that side's run (may be empty).
+    """
+    p = cor.prompt
     if target is None:
         answer = int(logits["clean"][0, -1].detach().argmax())
         p = replace(p, answer_ids=(answer,), answer=model.tokenizer.decode([answer]))
@@ -302,9 +340,28 @@ def prepare_contrast(model: LoadedModel, clean_prompt: str, corrupted_prompt: st
         foil_id = _foil(model, p, foil, logits["corrupted"].detach())
     metric = make_metric(config.metric, p, foil_id, logits["clean"].detach()[0])  # the clean run is one row
     values = {side: metric(logits[side]) for side in SIDES}
-    return Contrast(prompt=p, inputs=inputs, corrupted_tokens=tuple(model.token_strings(corrupted_x[0].tolist())),
-                    differing=differing, noise=noise, noise_scale=scale, foil_id=foil_id, metric=metric,
-                    logits=logits, acts=acts, values=values)
+    return Contrast(prompt=p, inputs=cor.inputs, corrupted_tokens=cor.corrupted_tokens, differing=cor.differing,
+                    noise=cor.noise, noise_scale=cor.noise_scale, foil_id=foil_id, metric=metric, logits=logits,
+                    acts=acts, values=values)
+
+
+def prepare_contrast(model: LoadedModel, clean_prompt: str, corrupted_prompt: str | None, *,
+                     subject: str | None, target: str | None, foil: str | None, config: PatchingConfig,
+                     cache: dict[str, Sequence[str]], grad_side: str | None = None) -> Contrast:
+    """Read both prompts, run each side once (keeping the activations ``cache`` names), fix the foil and the
+    metric. (Activation patching runs both sides inside its first patched forward instead.)
+
+    Args:
+        cache: side -> hook names whose activations to keep from that side's run.
+        grad_side: the side whose run keeps its autograd graph (attribution patching), or None.
+    """
+    cor = corruption(model, clean_prompt, corrupted_prompt, subject=subject, target=target, foil=foil, config=config)
+    logits, acts = {}, {}
+    for side in SIDES:
+        logits[side], acts[side] = run_side(model, cor.inputs[side], len(cor.prompt.answer_ids),
+                                            cor.noise if side == "corrupted" else None, cor.prompt.subject_range,
+                                            cache.get(side, ()), grad=side == grad_side)
+    return finish_contrast(model, cor, target=target, foil=foil, config=config, logits=logits, acts=acts)
 
 
 def run_side(model: LoadedModel, x: torch.Tensor, n_answer: int, noise: torch.Tensor | None,
@@ -644,60 +701,63 @@ def blocks(model: LoadedModel, components: Sequence[Component], config: Patching
     return out
 
 
-def patched_metrics(model: LoadedModel, c: Contrast, variants: list[Block], direction: str, batch_size: int,
-                    progress: Progress | None = None) -> torch.Tensor:
-    """The metric after each variant's patch, averaged over noise samples: (n_variants,) float32 on the CPU.
+class Forward(NamedTuple):
+    """One forward of the engine: which noise sample it runs, which variants, and the logits of its rows."""
 
-    Each forward runs one noise sample (or the one corrupted prompt) for up to ``batch_size`` variants: the
-    base side's input is read once (batch 1) up to the first layer any of those variants patches and expanded
-    there to one row per variant of that layer; the variants of each later layer join the batch where their
-    layer begins, from the base run's residual stream there (``c.acts[base]``, which must hold
-    ``blocks.L.hook_resid_pre`` of every layer). Each row's slice is then overwritten by the source side's
-    activation. No row computes a layer below the one it patches.
+    sample: int  # the noise sample of its corrupted row(s) (0 for a corrupted prompt)
+    variants: range  # its variants (indices into the flat list of all variants)
+    clean_logits: torch.Tensor  # (1, A, V) the clean run (its reference row)
+    corrupted_logits: torch.Tensor  # (R, A, V) the corrupted run: every sample in the first forward, else one
+    logits: torch.Tensor  # (len(variants), A, V) the patched runs, in the order of ``variants``
+
+
+def patched_forwards(model: LoadedModel, cor: Corruption, variants: list[Block], direction: str,
+                     batch_size: int) -> Iterator[Forward]:
+    """Run every variant, ``batch_size`` per forward, yielding each forward's logits at the answer positions.
+
+    The model reads the clean input alone (batch 1); entering the first layer the batch becomes the forward's
+    reference rows, the unpatched runs: row 0 is the clean run, the next rows the corrupted run (all ``S`` noise
+    samples in the very first forward, so that it alone fixes the answer, the foil and the metric; the forward's
+    own sample after that). Nothing is cached between forwards: a variant's
+    row joins the batch where its layer begins, as a copy of the base reference row's residual stream there
+    (the layers below are the base run's: no row computes a layer below the one it patches), and each patch
+    copies its slice from the source reference row of the same batch, at the same hook, in the same forward.
+    The first forward is therefore also the clean and the corrupted run. Memory is bounded by ``batch_size``
+    (+ S + 1 rows), not by the number of variants.
     """
-    base, source = base_and_source(direction)
-    n_samples, n_answer = c.n_samples, len(c.prompt.answer_ids)
-    n_variants = variants[-1].offset + len(variants[-1].index)
+    base, _ = base_and_source(direction)
+    p = cor.prompt
+    n_answer = len(p.answer_ids)
     block_of = torch.cat([torch.full((len(b.index),), i) for i, b in enumerate(variants)])  # (V,)
-    noised = c.noise is not None
-    base_resid = c.acts[base]  # hook name -> (R_base, T, d): the base run entering every layer
-    out = torch.empty(n_samples, n_variants)
-    n_rows, done = n_variants * n_samples, 0
-    if progress is not None:
-        progress(0, n_rows)
-    for sample in range(n_samples):
-        base_noise = c.noise[sample: sample + 1] if noised and base == "corrupted" else None  # (1, n, d)
-        src_sample = sample if noised and source == "corrupted" else 0
-        base_row = sample if noised and base == "corrupted" else 0
-        for chunk in plan_chunks(variants, batch_size):
-            v = torch.tensor(chunk)  # (B,) this forward's variants
-            chunk_blocks = block_of[v].unique().tolist()
-            layer_of_row = torch.tensor([variants[b].layer for b in block_of[v].tolist()])  # (B,) non-decreasing
+    chunks = plan_chunks(variants, batch_size)
+    corrupted = entry_states(model, cor.inputs["corrupted"], cor.noise, p.subject_range)  # (S, T, d)
+    first = True
+    for sample in range(cor.n_samples):
+        for chunk in chunks:
+            samples = range(cor.n_samples) if first else range(sample, sample + 1)  # corrupted reference rows
+            n_ref = 1 + len(samples)
+            corrupted_row = 1  # this forward's sample (the first forward runs sample 0, whose row comes first)
+            base_row, src_row = (corrupted_row, 0) if base == "corrupted" else (0, corrupted_row)
+            v = torch.tensor(chunk)  # (B,) this forward's variants, by layer
+            chunk_block = block_of[v]  # (B,)
+            layer_of_row = torch.tensor([variants[b].layer for b in chunk_block.tolist()])  # (B,) non-decreasing
             entry_layers, counts = layer_of_row.unique_consecutive(return_counts=True)
-            fwd: list[tuple[str, HookFn]] = []
-            if base_noise is not None:
-                fwd.append((EMBED_HOOK, _add_noise(base_noise, *c.prompt.subject_range)))
-            # each row enters at its own layer (before any patch there): the first layer's rows are the batch-1
-            # prefix expanded, a later layer's rows are appended from the base run's cached residual stream
-            for i, (layer, n) in enumerate(zip(entry_layers.tolist(), counts.tolist())):
-                hook = Site(layer, "resid_pre").hook_name
-                fwd.append((hook, _expand(n) if i == 0 else _append(base_resid[hook][base_row], n)))
-            for b in chunk_blocks:
+            fwd: list[tuple[str, HookFn]] = [
+                (Site(0, "resid_pre").hook_name, _reference_rows(corrupted[samples.start: samples.stop]))]
+            for layer, n in zip(entry_layers.tolist(), counts.tolist()):  # before any patch in that layer
+                fwd.append((Site(layer, "resid_pre").hook_name, _append_copies(base_row, n)))
+            for b in chunk_block.unique().tolist():
                 blk = variants[b]
-                rows = (block_of[v] == b).nonzero()[:, 0]  # (N,) rows of this forward patched by this block
-                index = blk.index[v[rows] - blk.offset]  # (N, k)
-                samples = torch.full_like(rows, src_sample)
+                rows = n_ref + (chunk_block == b).nonzero()[:, 0]  # (N,) batch rows patched by this block
+                index = blk.index[v[rows - n_ref] - blk.offset]  # (N, k)
                 carry = {} if blk.component == "resid_mid" else None
-                fwd.append((blk.hook, _write(c.acts[source][blk.hook], rows, samples, blk.act_dims, index, carry)))
+                fwd.append((blk.hook, _copy_slice(src_row, rows, blk.act_dims, index, carry)))
                 if carry is not None:  # the bridge's resid_mid feeds only the MLP: carry the change past it too
                     fwd.append((Site(blk.layer, "resid_post").hook_name, _add_carried(carry)))
             with torch.no_grad(), hooks(model, fwd):
-                logits = answer_logits(model, c.inputs[base], n_answer)  # (B, A, V)
-            out[sample, chunk.start: chunk.stop] = c.metric(logits).cpu()
-            done += len(v)
-            if progress is not None:
-                progress(done, n_rows)
-    return out.mean(dim=0)
+                logits = answer_logits(model, cor.inputs["clean"], n_answer)  # (n_ref + B, A, V)
+            first = False
+            yield Forward(sample, chunk, logits[:1], logits[1:n_ref], logits[n_ref:])
 
 
 def plan_chunks(variants: list[Block], batch_size: int) -> list[range]:
@@ -721,41 +781,70 @@ def plan_chunks(variants: list[Block], batch_size: int) -> list[range]:
     return chunks
 
 
-def _expand(n_rows: int) -> HookFn:
-    """Hook turning the one-row residual stream (1, T, d) into ``n_rows`` copies (n_rows, T, d). Everything the
-    model computed before it (embeddings, the causal mask, rotary tables) has batch 1 and broadcasts."""
+class _Stop(Exception):
+    """Raised by a hook to end a forward early (the rest of the model is not needed)."""
 
-    def fn(act: torch.Tensor, hook) -> torch.Tensor:
-        return act.expand(n_rows, *act.shape[1:]).contiguous()
+
+def entry_states(model: LoadedModel, x: torch.Tensor, noise: torch.Tensor | None,
+                 subject_range: tuple[int, int] | None) -> torch.Tensor:
+    """The residual stream entering the first layer (``blocks.0.hook_resid_pre``: embeddings, plus position
+    embeddings where the model has them) for ``x`` (1, T), once per noise sample with ``noise`` (R, n, d) on the
+    subject's token embeddings: (R, T, d). The forward stops there; no layer runs."""
+    got: dict[str, torch.Tensor] = {}
+
+    def grab(act: torch.Tensor, hook) -> torch.Tensor:
+        got["resid"] = act.detach().clone()
+        raise _Stop
+
+    n_rows = 1 if noise is None else noise.shape[0]
+    fwd: list[tuple[str, HookFn]] = [] if noise is None else [(EMBED_HOOK, _add_noise(noise, *subject_range))]
+    fwd.append((Site(0, "resid_pre").hook_name, grab))
+    try:
+        with torch.no_grad(), hooks(model, fwd):
+            model.bridge(x.expand(n_rows, -1))
+    except _Stop:
+        pass
+    return got["resid"]
+
+
+def _reference_rows(corrupted: torch.Tensor) -> HookFn:
+    """Hook entering the first layer that turns the one clean row (1, T, d) into the reference rows
+    (1 + R, T, d): the clean row, then ``corrupted`` (R, T, d), the corrupted run's states there
+    (:func:`entry_states`). The model read a batch of one, so everything it built from the input (the causal
+    mask, positions, rotary tables) has batch 1 and broadcasts over every row made here and later."""
+
+    def fn(act: torch.Tensor, hook) -> torch.Tensor:  # act (1, T, d)
+        return torch.cat([act, corrupted.to(act.device, act.dtype)], dim=0)
 
     return fn
 
 
-def _append(resid: torch.Tensor, n_rows: int) -> HookFn:
-    """Hook appending ``n_rows`` copies of the base run's residual stream ``resid`` (T, d) entering this layer
-    to the batch (B, T, d) -> (B + n_rows, T, d): rows that patch nothing below this layer start here instead
-    of recomputing the earlier layers, whose values for them are the base run's."""
+def _append_copies(row: int, n_rows: int) -> HookFn:
+    """Hook appending ``n_rows`` copies of batch row ``row`` (the base run entering this layer) to the batch,
+    (B, T, d) -> (B + n_rows, T, d): rows that patch nothing below this layer start here instead of recomputing
+    the earlier layers, whose values for them are the base run's. Everything the model computed before it (the
+    causal mask, rotary tables) broadcasts over the batch."""
 
     def fn(act: torch.Tensor, hook) -> torch.Tensor:
-        new = resid.to(act.device, act.dtype).unsqueeze(0).expand(n_rows, *act.shape[1:])
-        return torch.cat([act, new], dim=0)
+        return torch.cat([act, act[row: row + 1].expand(n_rows, *act.shape[1:])], dim=0)
 
     return fn
 
 
-def _write(source: torch.Tensor, rows: torch.Tensor, samples: torch.Tensor, act_dims: tuple[int, ...],
-           index: torch.Tensor, carry: dict | None = None) -> HookFn:
-    """Hook overwriting, in each of ``rows``, the slice at ``index`` (along ``act_dims``) with the same slice
-    of ``source`` (S_src, ...) for that row's sample. Un-indexed axes are copied whole. With ``carry``, the
-    change it made (patched - original, (B, ...)) is left in ``carry["delta"]`` for :func:`_add_carried`."""
+def _copy_slice(src_row: int, rows: torch.Tensor, act_dims: tuple[int, ...], index: torch.Tensor,
+                carry: dict | None = None) -> HookFn:
+    """Hook overwriting, in each of ``rows``, the slice at ``index`` (along ``act_dims``, batch excluded) with
+    the same slice of batch row ``src_row`` (the source run, computed in the same forward). Un-indexed axes are
+    copied whole. With ``carry``, the change it made (patched - original, (B, ...)) is left in
+    ``carry["delta"]`` for :func:`_add_carried`."""
 
     def fn(act: torch.Tensor, hook) -> torch.Tensor:  # act (B, ...)
         new = act.clone()
         where: list = [slice(None)] * (act.dim() - 1)
         for j, d in enumerate(act_dims):
             where[d] = index[:, j].to(act.device)
-        src = source.to(act.device, act.dtype)
-        new[(rows.to(act.device), *where)] = src[(samples.to(act.device), *where)]
+        r = rows.to(act.device)
+        new[(r, *where)] = act[(torch.full_like(r, src_row), *where)]
         if carry is not None:
             carry["delta"] = new - act
         return new
@@ -813,14 +902,24 @@ def activation_patching(model: LoadedModel, clean_prompt: str, corrupted_prompt:
     """
     config = resolve_config(config, components)
     comps = check_components(model, config)
-    base, source = base_and_source(config.direction)
-    entries = [Site(layer, "resid_pre").hook_name for layer in range(model.n_layers)]  # where rows enter
-    c = prepare_contrast(model, clean_prompt, corrupted_prompt, subject=subject, target=target, foil=foil,
-                         config=config, cache={source: patched_hooks(model, comps, config), base: entries})
-    n_tokens = len(c.prompt.input_ids)
+    cor = corruption(model, clean_prompt, corrupted_prompt, subject=subject, target=target, foil=foil,
+                     config=config)
+    n_tokens = len(cor.prompt.input_ids)
     variants = blocks(model, comps, config, n_tokens)
-    flat = patched_metrics(model, c, variants, config.direction, config.batch_size, progress)  # (V,)
-    values = assemble(model, comps, variants, flat, n_tokens)
+    n_variants = variants[-1].offset + len(variants[-1].index)
+    out = torch.empty(cor.n_samples, n_variants)  # the metric of each variant, per noise sample
+    c, n_rows, done = None, n_variants * cor.n_samples, 0
+    if progress is not None:
+        progress(0, n_rows)
+    for f in patched_forwards(model, cor, variants, config.direction, config.batch_size):
+        if c is None:  # the first forward ran every reference row: it fixes the answer, the foil and the metric
+            c = finish_contrast(model, cor, target=target, foil=foil, config=config, acts={},
+                                logits={"clean": f.clean_logits, "corrupted": f.corrupted_logits})
+        out[f.sample, f.variants.start: f.variants.stop] = c.metric(f.logits).cpu()
+        done += len(f.variants)
+        if progress is not None:
+            progress(done, n_rows)
+    values = assemble(model, comps, variants, out.mean(dim=0), n_tokens)
     clean, corrupted = c.metric_of("clean"), c.metric_of("corrupted")
     scores = {k: normalise(v, clean, corrupted) for k, v in values.items()}
     return PatchingResult(**site_scores_fields(model, c, config, scores, values, clean_prompt, corrupted_prompt))
