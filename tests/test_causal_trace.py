@@ -17,7 +17,7 @@ from mechedit.errors import DataFormatError, InputError
 from mechedit.model import resolve_module
 from mechedit.tracing import (
     CausalTraceConfig, CausalTraceResult, causal_trace, causal_trace_reference, find_subject_range, hooks,
-    live_hooks, noise_scale, prepare_prompt, trace_restore_set, window_layers,
+    live_hooks, noise_scale, prepare_prompt, scaled_window, trace_restore_set, window_layers,
 )
 from mechedit.tracing.causal import resolve_noise
 
@@ -154,6 +154,14 @@ def test_window_layers_is_romes_formula():
     assert list(window_layers(0, 10, 30)) == [0, 1, 2, 3, 4]  # clipped at the bottom
     assert list(window_layers(29, 10, 30)) == list(range(24, 30))  # and at the top
     assert list(window_layers(15, 10, 30)) == list(range(10, 20))
+
+
+def test_scaled_window_keeps_romes_proportion():
+    """ROME's 10 where it spans at most a third of the model, a third of the layers below that (at least 1):
+    on the embedded model's 8 layers a window of 10 would restore every layer for centres 3 to 5."""
+    assert [scaled_window(n) for n in (1, 3, 8, 12, 28, 30, 48)] == [1, 1, 2, 4, 9, 10, 10]
+    assert [len(window_layers(c, 10, 8)) for c in range(8)] == [5, 6, 7, 8, 8, 8, 7, 6]
+    assert [len(window_layers(c, scaled_window(8), 8)) for c in range(8)] == [1, 2, 2, 2, 2, 2, 2, 2]
 
 
 def test_window_one_restores_a_single_sublayer(sharp):

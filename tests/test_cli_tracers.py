@@ -174,6 +174,21 @@ def test_locate_passes_options_and_writes_result(monkeypatch, model_dir, tmp_pat
     assert set(d["evidence"]) == {"causal_trace", "patching", "gradients"}
 
 
+def test_trace_default_window_is_scaled_to_the_model(monkeypatch, model_dir, model):
+    """Without --window: ROME's 10, at most a third of the layers (1 on this 3-layer model), and said so;
+    an explicit --window wider than the model is used as given (clipped at the edges)."""
+    calls = spy(monkeypatch, causal_lib, "causal_trace")
+    res = run("trace", "--model", model_dir, "--prompt", PROMPT, "--subject", SUBJECT, "--samples", "2")
+    assert res.exit_code == 0, res.output
+    assert model.n_layers == 3 and calls[0][0][4].window == causal_lib.scaled_window(3) == 1
+    assert "window of 1 layers" in res.stdout
+    res = run("trace", "--model", model_dir, "--prompt", PROMPT, "--subject", SUBJECT, "--samples", "2",
+              "--window", "10", "--kinds", "hidden")
+    assert res.exit_code == 0, res.output
+    assert calls[1][0][4].window == 10 and "window of" not in res.stdout  # no mlp/attn panel, no window line
+    one_line_error(run("trace", "--model", model_dir, "--window", "0"), "window must be a positive integer")
+
+
 # -- no arguments: a fact of the embedded model -----------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ Also the helpers the other tracer commands share: the default fact, the progress
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -57,7 +58,10 @@ def trace(
     samples: Annotated[int, typer.Option(help="Noise samples per cell (ROME: 10).")] = 10,
     noise: Annotated[Optional[float], typer.Option(help="Noise std; default 3x the std of subject "
                                                    "embeddings.")] = None,
-    window: Annotated[int, typer.Option(help="Layers restored together for mlp/attn (ROME: 10).")] = 10,
+    window: Annotated[Optional[int], typer.Option(
+        help="Layers restored together for mlp/attn, centred on each layer and clipped at the edges. Default: "
+             "ROME's 10, but at most a third of the model's layers (at least 1): 10 on SmolLM2 (30 layers), 2 on "
+             "the embedded model (8 layers), where 10 would restore nearly every layer in every cell.")] = None,
     kinds: Annotated[str, typer.Option(help="Comma-separated kinds: hidden, mlp, attn.")] = "hidden,mlp,attn",
     seed: Annotated[int, typer.Option(help="Seed of the noise and, with --data, of the random choice of "
                                       "records.")] = 0,
@@ -76,15 +80,17 @@ def trace(
     """Causal tracing (Meng et al. 2022): corrupt the subject with noise, restore one state at a time, and see
     which states bring the answer back. With --data, many facts averaged by token role."""
     from mechedit.model import load
-    from mechedit.tracing.causal import CausalTraceConfig, causal_trace
+    from mechedit.tracing.causal import ROME_WINDOW, CausalTraceConfig, causal_trace, scaled_window
 
     if data is None and n_records is not None:
         raise InputError("-n/--n-records chooses records of a --data file; pass --data FILE too")
     if data is not None and (prompt, subject, target) != (None, None, None):
         raise InputError("--data traces the file's records; leave out --prompt, --subject and --target")
-    cfg = CausalTraceConfig(samples=samples, noise=noise, window=window, seed=seed, batch_size=batch_size,
-                            kinds=comma_list(kinds))
+    cfg = CausalTraceConfig(samples=samples, noise=noise, window=ROME_WINDOW if window is None else window,
+                            seed=seed, batch_size=batch_size, kinds=comma_list(kinds))  # checked before loading
     m = load(model)
+    if window is None:
+        cfg = replace(cfg, window=scaled_window(m.n_layers))
     if data is not None:
         trace_batch(m, data, n_records, seed, cfg, known_only, out)
         return
@@ -105,6 +111,9 @@ def print_trace_summary(result) -> None:
     typer.echo(f"{result.prompt!r} -> {result.answer!r}: clean p={result.high_score:.4f}, "
                f"corrupted p={result.low_score:.4f}; subject tokens {s0}..{s1 - 1} "
                f"({''.join(result.tokens[s0:s1])!r})")
+    if set(result.scores) & {"mlp", "attn"}:
+        typer.echo(f"  mlp/attn cells restore a window of {result.config.window} layers centred on each layer "
+                   "(clipped at the edges)")
     for kind in result.scores:
         layer, pos, score = result.peak(kind)
         where = "last subject token" if pos == s1 - 1 else ("last token" if pos == len(result.tokens) - 1

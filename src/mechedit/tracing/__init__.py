@@ -5,6 +5,7 @@ from mechedit.tracing.causal import (
     CausalTraceResult,
     causal_trace,
     causal_trace_reference,
+    scaled_window,
     trace_restore_set,
     window_layers,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "logit_lens",
     "noise_scale",
     "prepare_prompt",
+    "scaled_window",
     "trace_restore_set",
     "window_layers",
 ]

@@ -81,6 +81,7 @@ from mechedit.tracing.common import (
 KINDS: dict[str, str] = {"hidden": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
 EMBED_HOOK = HOOKS["embed"]  # the noise goes onto the token embeddings
 FORMAT = "mechedit.causal_trace/1"
+ROME_WINDOW = 10  # ROME's window for MLP and attention traces (GPT-2 XL: 48 layers, GPT-J: 28)
 
 Progress = Callable[[int, int], None]  # (rows done, rows in all)
 
@@ -91,7 +92,8 @@ class CausalTraceConfig:
 
     samples: int = 10  # corrupted runs (noise samples) averaged per cell
     noise: float | None = None  # noise std; None = 3 × std of subject token embeddings (see resolve_noise)
-    window: int = 10  # layers restored together for "mlp" and "attn", centred on the row's layer
+    window: int = ROME_WINDOW  # layers restored together for "mlp"/"attn", centred on the row's layer (clipped;
+    # on small models scaled_window(n_layers) is the better choice, and what `mechedit trace` uses by default)
     kinds: tuple[str, ...] = ("hidden", "mlp", "attn")  # which states to trace
     seed: int = 0  # seeds the noise generator: same seed, same noise, same result
     batch_size: int = 256  # (cell, sample) rows per forward; bounds memory
@@ -122,6 +124,16 @@ class CausalTraceConfig:
         if unknown:
             raise DataFormatError(f"causal trace config: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
         return cls(**d)
+
+
+def scaled_window(n_layers: int) -> int:
+    """A window for a model of ``n_layers``: ROME's 10, but at most a third of the layers (at least 1).
+
+    ROME's 10 spans a fifth to a third of the models it traced. On a small model it spans most of it: on the
+    embedded model (8 layers) the windows centred on layers 3 to 5 restore all 8 layers and every other
+    centre 5 to 7 of them, so the MLP and attention maps say little about where. A third keeps ROME's
+    proportion: 10 on 30+ layers (SmolLM2), 2 on the embedded model, 1 on a 3-layer test model."""
+    return max(1, min(ROME_WINDOW, n_layers // 3))
 
 
 def window_layers(centre: int, window: int, n_layers: int) -> range:
