@@ -1,0 +1,158 @@
+"""MEMIT (mechedit.editing.memit) on the embedded model and on tiny random models.
+
+Key statistics come from a few hundred texts, in a temporary cache; the value optimisation runs few steps with
+one short context prefix. That is enough on the embedded model (a trained model whose facts live in layers 0-2)
+for the edits to take; on tiny random models only the mechanics are checked (layers, layouts, restore).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import mechedit
+from mechedit.data import EditRecord
+from mechedit.editing import EditHandle
+from mechedit.editing.memit import MEMITHyperParams, memit
+from mechedit.editing.memit.compute_ks import prepare, read_resid
+from mechedit.editing.memit.compute_zs import compute_zs
+from mechedit.editing.methods import edit, make_hparams
+from mechedit.errors import DataFormatError, InputError, MecheditError
+from mechedit.evaluation.counterfact import answer_nll, rewrite_scores
+from mechedit.model import canonical_param_name
+from mechedit.toy.export import embedded_world, world_records
+
+FAST = MEMITHyperParams(layers=(0, 1, 2), context_prefixes=("The weather was mild.",), v_num_grad_steps=12,
+                        mom2_source="world", mom2_n_samples=300, mom2_max_tokens=64, mom2_update_weight=100.0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def stats_cache(tmp_path_factory):
+    old = os.environ.get("MECHEDIT_CACHE")
+    os.environ["MECHEDIT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("MECHEDIT_CACHE", None)
+    else:
+        os.environ["MECHEDIT_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def records():
+    return world_records(embedded_world(), n=4, seed=3)
+
+
+def snapshot(m) -> dict[str, torch.Tensor]:
+    return {canonical_param_name(n): p.detach().clone() for n, p in m.hf_model.named_parameters()}
+
+
+def same(m, snap) -> bool:
+    return all(torch.equal(snap[canonical_param_name(n)], p) for n, p in m.hf_model.named_parameters())
+
+
+def test_edit_makes_the_records_true_changes_only_those_layers_and_restores_bit_exactly(embedded, records):
+    before = snapshot(embedded)
+    assert all(rewrite_scores(embedded, r)["efficacy_success"] == 0.0 for r in records)
+    with memit(embedded, records, FAST) as h:
+        assert h.method == "memit" and h.evidence["layers"] == [0, 1, 2]
+        assert set(h.deltas) == {f"model.layers.{layer}.mlp.down_proj.weight" for layer in (0, 1, 2)}
+        for name, p in embedded.hf_model.named_parameters():
+            name = canonical_param_name(name)
+            assert torch.equal(p, before[name]) != (name in h.deltas), name
+        assert [rewrite_scores(embedded, r)["efficacy_success"] for r in records] == [1.0] * len(records)
+    assert same(embedded, before)
+
+
+def test_saved_handle_reapplied_to_a_fresh_copy_gives_identical_weights(embedded, records, tmp_path):
+    with memit(embedded, records[:2], FAST) as h:
+        edited = {n: p.detach().clone() for n, p in embedded.hf_model.named_parameters()}
+        h.save(tmp_path / "e")
+    fresh = mechedit.load()
+    with EditHandle.load(tmp_path / "e").apply(fresh):
+        for n, p in fresh.hf_model.named_parameters():
+            assert torch.equal(p, edited[n]), n
+
+
+def test_the_method_table_dispatches_memit(embedded, records):
+    before = snapshot(embedded)
+    hp = make_hparams("memit", {"layers": [1, 2], "context_prefixes": [], "v_num_grad_steps": 3,
+                                "mom2_source": "world", "mom2_n_samples": 300, "mom2_max_tokens": 64})
+    with edit(embedded, records[:2], "memit", hp) as h:
+        assert set(h.deltas) == {f"model.layers.{layer}.mlp.down_proj.weight" for layer in (1, 2)}
+        assert MEMITHyperParams.from_dict(h.hparams) == hp
+    assert same(embedded, before)
+
+
+def test_prefix_cached_value_forward_matches_a_plain_forward(embedded, records):
+    """compute_zs runs each prompt's prefix once and the rest on top of a key/value cache; with no step taken
+    (δ = 0) its target probabilities must be those of ordinary full forwards."""
+    hp = MEMITHyperParams(layers=(2,), context_prefixes=("The weather was mild.", "I"), v_num_grad_steps=1)
+    templates = ["{}", "The weather was mild. {}", "I {}"]
+    prep = prepare(embedded, records, templates, hp.key_position)
+    values = compute_zs(embedded, prep, 2, read_resid(embedded, prep, 2), hp)
+    for i, r in enumerate(records):
+        nll = answer_nll(embedded, [(t.replace("{}", r.prompt), r.target_new) for t in templates])
+        assert values.target_prob[i] == pytest.approx(float(torch.exp(-nll).mean()), rel=1e-4)
+    assert torch.equal(values.delta, torch.zeros_like(values.delta))
+
+
+def test_requests_about_one_subject_share_their_value(embedded):
+    world = embedded_world()
+    recs = [r for r in world_records(world) if r.subject == world.facts[0].subject][:2]
+    hp = MEMITHyperParams(layers=(2,), context_prefixes=(), v_num_grad_steps=3)
+    prep = prepare(embedded, recs, ["{}"], hp.key_position)
+    values = compute_zs(embedded, prep, 2, read_resid(embedded, prep, 2), hp)
+    assert torch.equal(values.delta[0], values.delta[1]) and values.delta[0].norm() > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_tiny_models_edit_only_the_given_layers_in_their_layout(sharp, arch):
+    m = sharp(arch)
+    before = snapshot(m)
+    recs = [EditRecord(0, "Yesterday I met {}", "Voupeis Draexmir", "Paris"),
+            EditRecord(1, "Yesterday I met {}", "Dalo Frenwick", "Lisbon")]
+    hp = MEMITHyperParams(layers=(0, 1), context_prefixes=(), v_num_grad_steps=3, mom2_source="model",
+                          mom2_n_samples=100, mom2_max_tokens=32, max_update_ratio=1e6, v_weight_decay=0.0)
+    with memit(m, recs, hp) as h:
+        assert set(h.deltas) == {m.module_name(layer, "mlp_out") + ".weight" for layer in (0, 1)}
+        for name, d in h.deltas.items():
+            assert d.shape == before[name].shape and d.abs().sum() > 0
+        assert h.evidence["residual_left_fraction_mean"] < 1.0
+    assert same(m, before)
+
+
+@pytest.mark.parametrize("requests, hp, message", [
+    ([], FAST, "non-empty"),
+    ("not a list", FAST, "non-empty"),
+    ([EditRecord(0, "{} speaks", "Dalo Frenwick", "French"), EditRecord(1, "{} speaks", "Dalo Frenwick", "Dutch")],
+     FAST, "both"),
+    ([EditRecord(0, "{} speaks", "Dalo Frenwick", "French", "French")], FAST, "true target"),
+    ([EditRecord(0, "{} speaks", "Dalo Frenwick", "French")], MEMITHyperParams(layers=(1, 8)), "out of range"),
+])
+def test_bad_inputs_fail_clearly_with_nothing_changed(embedded, requests, hp, message):
+    before = snapshot(embedded)
+    with pytest.raises(InputError, match=message):
+        memit(embedded, requests, hp)
+    assert same(embedded, before)
+
+
+def test_degenerate_updates_are_refused_before_any_weight_changes(embedded, records):
+    before = snapshot(embedded)
+    with pytest.raises(MecheditError, match="exploding"):
+        memit(embedded, records[:2], MEMITHyperParams(**{**FAST.to_dict(), "max_update_ratio": 1e-9,
+                                                           "layers": (0, 1, 2)}))
+    assert same(embedded, before)
+
+
+def test_hparams_validate_and_round_trip():
+    hp = MEMITHyperParams(layers=(0, 2), context_prefixes=("a",), prefix_lengths=((3, 2),))
+    assert MEMITHyperParams.from_dict(hp.to_dict()) == hp
+    assert hp.with_overrides(["layers=[1, 3]"]).layers == (1, 3)
+    for bad in ({"layers": (2, 1)}, {"layers": ()}, {"layers": "all"}, {"v_lr": 0}, {"mom2_update_weight": -1},
+                {"kl_prompt": "no braces"}, {"batch_requests": 0}):
+        with pytest.raises(InputError):
+            MEMITHyperParams(**bad)
+    with pytest.raises(DataFormatError):
+        MEMITHyperParams.from_dict({"layer": 3})
