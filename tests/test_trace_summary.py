@@ -111,6 +111,22 @@ def test_frame_markdown_plot():
     assert [t.type for t in fig.data] == ["heatmap", "heatmap"]
 
 
+@pytest.mark.parametrize("kinds", [("hidden", "mlp", "attn"), ("mlp", "attn"), ("hidden",)])
+def test_plot_panel_titles_fit_their_panels(kinds):
+    """Each panel's title is no wider than its panel (estimated at 0.6 em a character, plotly's default 16 px
+    subplot-title font), so neighbouring titles cannot overlap; the shared words live in the figure title."""
+    s = summarize_traces([fake_trace(6, (1, 3), low=0.1, fill=lambda k, layer, pos: 0.1 * pos, kinds=kinds)])
+    fig = s.plot()
+    plot_px = fig.layout.width - fig.layout.margin.l - fig.layout.margin.r if fig.layout.margin.l is not None \
+        else fig.layout.width - 160  # plotly's default margins: 80 px each side
+    titles = [a for a in fig.layout.annotations if a.text and not a.text.startswith("<")]
+    assert len(titles) == len(kinds)
+    for i, a in enumerate(titles, start=1):
+        domain = fig.layout[f"xaxis{'' if i == 1 else i}"].domain
+        assert len(a.text) * 0.6 * 16 <= (domain[1] - domain[0]) * plot_px, a.text
+    assert "Average indirect effect" in fig.layout.title.text
+
+
 def test_traces_that_cannot_be_averaged():
     t = fake_trace(4, (1, 2), low=0.0, fill=lambda k, layer, pos: 0.0)
     with pytest.raises(InputError, match="no traces"):

@@ -28,7 +28,7 @@ def plot_trace_summary(summary: "TraceSummary") -> "go.Figure":
     n = len(kinds)
     width = (1 - _SPACING * (n - 1)) / n
     fig = make_subplots(rows=1, cols=n, shared_yaxes=True, horizontal_spacing=_SPACING if n > 1 else 0.0,
-                        subplot_titles=[f"Average indirect effect: {_STYLE[k][0]}" for k in kinds])
+                        subplot_titles=[_STYLE[k][0] for k in kinds])  # short: each fits over its panel
     for i, kind in enumerate(kinds, start=1):
         _, x_title, colours = _STYLE[kind]
         e = summary.effects[kind]  # (R, L)
@@ -45,9 +45,10 @@ def plot_trace_summary(summary: "TraceSummary") -> "go.Figure":
         fig.update_xaxes(title_text=x_title.format(w=summary.window), row=1, col=i)
         fig.update_yaxes(tickvals=list(range(len(labels))), ticktext=labels, autorange="reversed", row=1, col=i)
     fig.update_layout(
-        title=dict(text=f"Causal traces averaged over {summary.n_records} fact{'' if summary.n_records == 1 else 's'} "
-                        f"({summary.model_name})<br><sup>mean clean p={summary.high_score:.3f}, corrupted "
-                        f"p={summary.low_score:.3f}; rows: token role (records with it)</sup>"),
-        width=max(520, 420 * n), height=380,
+        title=dict(text=f"Average indirect effect of restoring each state, over {summary.n_records} "
+                        f"fact{'' if summary.n_records == 1 else 's'} ({summary.model_name})<br><sup>mean clean "
+                        f"p={summary.high_score:.3f}, corrupted p={summary.low_score:.3f}; rows: token role "
+                        "(records with it)</sup>"),
+        width=max(520, 420 * n), height=400, margin=dict(t=110),  # room for the two-line title above the panels
     )
     return fig
