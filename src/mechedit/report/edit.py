@@ -40,7 +40,7 @@ REPORT_FILE = "report.html"
 
 MAX_NEW_TOKENS = 24  # free generations: greedy tokens after each prompt
 MAX_RANK_NUMEL = 4_000_000  # the rank column is computed for changes of at most this many entries ...
-MAX_RANK_PARAMS = 16  # ... and only when at most this many parameters changed (full fine-tuning: skipped)
+MAX_RANK_PARAMS = 32  # ... and only when at most this many parameters changed (full fine-tuning: skipped)
 MAX_DELTA_ROWS = 16  # more changed parameters than this: a bar chart, with the table folded below it
 
 Progress = Callable[[str], None]
@@ -91,14 +91,17 @@ class EditOutput:
 
 def fact_trace(model, record, directory: Path, config=None, progress: Progress | None = None):
     """The unedited model's causal trace of ``record`` and where it came from: the saved ``causal_trace.json``
-    when it matches (this model's fingerprint, this prompt and subject), else a new trace, saved there."""
+    when it matches (this model's fingerprint, this prompt, subject and old answer), else a new trace, saved
+    there."""
     from mechedit.tracing import CausalTraceConfig, CausalTraceResult, causal_trace
 
     path = directory / TRACE_FILE
     fp = model.fingerprint()
     if path.is_file():
         saved = CausalTraceResult.load(path)
-        if saved.model_fingerprint == fp and saved.prompt == record.prompt and saved.subject == record.subject:
+        same_answer = not record.target_true or saved.answer.strip() == record.target_true.strip()
+        if (saved.model_fingerprint == fp and saved.prompt == record.prompt and saved.subject == record.subject
+                and same_answer):
             return saved, f"read from {path.name}"
     if progress:
         progress("tracing the fact on the unedited model")
@@ -119,9 +122,13 @@ def greedy(model, prompts: Sequence[str], max_new_tokens: int = MAX_NEW_TOKENS) 
     out = []
     for p in prompts:
         ids = torch.tensor([model.encode(p)], device=model.device)  # (1, T)
+        n = min(max_new_tokens, model.n_ctx - ids.shape[1])  # stay inside the model's context
+        if n < 1:
+            out.append("")
+            continue
         with torch.no_grad():
             gen = model.hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                          max_new_tokens=max_new_tokens, pad_token_id=pad)
+                                          max_new_tokens=n, pad_token_id=pad)
         out.append(tok.decode(gen[0, ids.shape[1]:].tolist(), skip_special_tokens=True))
     return out
 
@@ -255,7 +262,8 @@ def _layer_scores_figure(ev: dict, chosen):
     return fig
 
 
-_DECISION_KEYS = ("layer", "layers", "layer_choice", "module", "modules", "key_position", "key_token")
+_DECISION_KEYS = ("layer", "layers", "layer_choice", "module", "modules", "trained_modules", "feedforward_modules",
+                  "selection", "key_position", "key_token")
 
 
 def _locate_section(page: Page, handle) -> None:
@@ -271,6 +279,14 @@ def _locate_section(page: Page, handle) -> None:
     if scalars:
         parts.append("<h3>Other evidence</h3>" + key_values(scalars))
     shown = set(decision) | set(scalars)
+    chosen_by = ev.get("locate")  # restricted methods with modules="auto": locate's adapter decision
+    if isinstance(chosen_by, dict) and isinstance(chosen_by.get("rule"), str):
+        numbers = chosen_by.get("numbers") if isinstance(chosen_by.get("numbers"), dict) else {}
+        flat = {k: v for k, v in numbers.items() if v is None or isinstance(v, (str, int, float, bool))}
+        parts.append(f"<h3>How locate chose the modules</h3><p>{esc(chosen_by['rule'])}</p>"
+                     + (key_values(flat) if flat else "")
+                     + details("locate's decision as saved", json_block(chosen_by)))
+        shown.add("locate")
     for k, v in ev.items():
         if k not in shown and _is_series(k, v):
             parts.append(page.figure(_series_figure(k, v), f"evidence-{k}"))
