@@ -111,6 +111,29 @@ def test_restore_set_matches_grid_cell(sharp, llama_trace):
         float(llama_trace.scores["mlp"][2, pos]), abs=1e-6)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_restoring_resid_mid_restores_the_residual_stream_not_only_the_mlp_input(sharp, arch):
+    """``blocks.L.hook_resid_mid`` names the residual stream between attention and MLP. On the bridge that hook
+    is the MLP norm's input: a value put back there alone reaches the MLP but not the residual stream that
+    bypasses it. Restored as a state, it is the whole residual stream at that position; the MLP acts position by
+    position, so that is the same as restoring ``resid_post`` of the layer there."""
+    m = sharp(arch)
+    last = m.n_layers - 1
+    for layer, pos in ((1, 3), (last, -1), (0, -1)):
+        mid = trace_restore_set(m, PROMPT, SUBJECT, [(f"blocks.{layer}.hook_resid_mid", pos)], config=FAST)
+        post = trace_restore_set(m, PROMPT, SUBJECT, [(f"blocks.{layer}.hook_resid_post", pos)], config=FAST)
+        assert mid == pytest.approx(post, abs=1e-6)
+    # the bridge's hook alone (one plain forward per noise sample) does not restore the clean run
+    p, _, noise = ct_module._setup(m, PROMPT, SUBJECT, None, FAST)
+    hook = f"blocks.{last}.hook_resid_mid"
+    _, clean = ct_module.clean_run(m, p, [hook])
+    hook_alone = sum(ct_module.reference_cell(m, p, n, clean, [(hook, len(p.input_ids) - 1)]) for n in noise)
+    high = ct_module.clean_run(m, p, [])[0]
+    assert trace_restore_set(m, PROMPT, SUBJECT, [(hook, -1)], config=FAST) == pytest.approx(high, abs=1e-6)
+    assert abs(hook_alone / len(noise) - high) > 1e-3
+    assert live_hooks(m) == []
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_residual_after_a_layer_is_the_residual_before_the_next(sharp, arch):
     """Restoring ``blocks.1.hook_resid_pre`` (where the batched run swaps in the noised residual stream, so the

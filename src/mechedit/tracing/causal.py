@@ -506,6 +506,11 @@ def trace_restore_set(model: LoadedModel, prompt: str, subject: str,
             (``blocks.3.hook_mlp_out``, ``blocks.3.attn.hook_z[head=1]``, ``hook_embed``, ...; not attention
             patterns). Positions index the model's input - the prompt's tokens, then the answer's tokens but
             the last - and may be negative (from the end). An empty set gives the corrupted score.
+            ``blocks.L.hook_resid_mid`` is the residual stream between attention and MLP, as in
+            HookedTransformer. On the bridge that hook is the MLP norm's input, and a value restored there alone
+            would reach the MLP but not the residual stream that bypasses it; so the whole stream at that
+            position is restored, which (the MLP acting position by position) is also restoring
+            ``blocks.L.hook_resid_post`` there.
         config: ``samples``, ``noise``, ``seed`` and ``batch_size`` apply (``kinds`` and ``window`` do not).
     """
     p, _, noise = _setup(model, prompt, subject, target, config)
@@ -519,6 +524,8 @@ def trace_restore_set(model: LoadedModel, prompt: str, subject: str,
         if not isinstance(pos, int) or not -n <= pos < n:
             raise InputError(f"position {pos!r} is out of range; the model's input has {n} tokens")
         patches.append(Patch(s.hook_name, pos % n, s.head if s.head is not None else s.neuron))
+        if s.component == "resid_mid":  # the stream past the MLP too (see above): its clean value there
+            patches.append(Patch(Site(s.layer, "resid_post").hook_name, pos % n))
     _, clean = clean_run(model, p, [pt.hook for pt in patches])
     probs = run_cells(model, p, noise, [tuple(patches)], clean, config.batch_size)  # (1, S)
     return float(probs.mean())
