@@ -39,7 +39,7 @@ request and once for the unrelated prompts and reuses it; ``mechedit eval`` runs
 >>> with edit(m, request, "rome") as h:                                   # doctest: +SKIP
 ...     result = mechedit.evaluate(m, h, [request])
 >>> result.summary()["efficacy_success"]                                  # doctest: +SKIP
-(1.0, 0.206, 1.0)
+(1.0, 0.207, 1.0)
 """
 
 from __future__ import annotations
@@ -275,7 +275,7 @@ class EvalResult(JsonResult):
 
     ``records``: one row per request (``case_id``, ``subject``, ``target_new``, ``target_true``, ``edit`` (which
     edit it belongs to), every record metric edited and, prefixed ``pre_``, unedited). ``edits``: one row per
-    edit (``edit``, ``n_records``; each edit metric as ``{metric}`` (the edited value), ``{metric}_n`` (how many
+    edit (``edit``, ``n_records``, ``evidence`` (the handle's scalar evidence); each edit metric as ``{metric}`` (the edited value), ``{metric}_n`` (how many
     prompts it is over) and ``pre_{metric}`` (unedited; locality and KL have none); ``kl_sd``). The edited
     sample texts are kept in ``texts`` (per request) for reading.
     """
@@ -355,7 +355,8 @@ class EvalResult(JsonResult):
         rows = []
         for r in self.records:
             e = {k: v for k, v in edits.get(r["edit"], {}).items() if k != "edit"}
-            rows.append({**r, **e})
+            evidence = {f"evidence.{k}": v for k, v in (e.pop("evidence", None) or {}).items()}
+            rows.append({**r, **e, **evidence})
         return pd.DataFrame(rows)
 
     def summary_frame(self):
@@ -438,7 +439,7 @@ class Evaluator:
                 raise InputError("no unrelated prompts to measure locality on; give EvalConfig.unrelated")
             conts, first = greedy(self.model, [p.prompt for p in self._probes], self.config.locality_tokens)
             correct = self._correct(first, lambda p: p)
-            free = self._free(lambda p: p, None) if self.config.generation else []
+            free = self._free(lambda p: p) if self.config.generation else []
             self._probe_base = (conts, first, correct, free)
         todo = [r for r in records if r not in self._records]
         for i, r in enumerate(todo):
@@ -456,7 +457,7 @@ class Evaluator:
             out.append(bool(int(first[i].argmax()) == want))
         return out
 
-    def _free(self, prompt_fn, target: str | None) -> list[tuple[str, list[int]]]:
+    def _free(self, prompt_fn) -> list[tuple[str, list[int]]]:
         probes = self._probes[: self.config.n_free] if self.world is None else \
             [p for p in self._probes if p.kind in ("fact", "filler")][: self.config.n_free]
         toks = sample(self.model, [prompt_fn(p.prompt) for p in probes], self.config.gen_tokens,
@@ -562,10 +563,13 @@ class Evaluator:
             conts, first = greedy(self.model, [fn(self._probes[j].prompt) for j in range(len(self._probes))],
                                   cfg.locality_tokens)
             correct = self._correct(first, fn)
-            free = self._free(fn, None) if cfg.generation else []
+            free = self._free(fn) if cfg.generation else []
         same = [conts[j] == b_conts[j] for j in keep]
         kl = [float((b_first[j].exp() * (b_first[j] - first[j])).sum().clamp_min(0)) for j in keep]
         e = {"edit": index, "n_records": len(records),
+             # the editor's scalar notes (ROME: layer, target_prob reached, norms), to explain a failed edit
+             "evidence": {k: v for k, v in (edit.evidence if edit is not None else {}).items()
+                          if isinstance(v, (int, float, str, bool))},
              "locality": sum(same) / len(same) if same else None, "locality_n": len(same),
              "kl": sum(kl) / len(kl) if kl else None, "kl_n": len(kl),
              "kl_sd": float(torch.tensor(kl).std()) if len(kl) > 1 else 0.0}
