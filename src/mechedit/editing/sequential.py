@@ -1,0 +1,301 @@
+"""Sequential editing: many edits one after another, each made on the already-edited model.
+
+Real use edits a model again and again. Two ways are here:
+
+* :func:`sequential_rome` applies ROME (:func:`mechedit.editing.rome.rome`) once per request, each edit computed
+  on the model as the previous ones left it. Each rank-one update only protects ordinary keys (through ``C``),
+  not the facts written before it, so early edits are overwritten and the model drifts as edits pile up (Gupta
+  et al. 2024, "Model editing at scale leads to gradual and catastrophic forgetting").
+* :func:`alphaedit` (Fang et al., ICLR 2025, "AlphaEdit: Null-Space Constrained Knowledge Editing for Language
+  Models") makes each step a MEMIT update (:mod:`mechedit.editing.memit`: values optimised at the last layer of a
+  range, spread over the range) whose change is confined to the *null space* of the preserved keys ``K₀``. With
+  ``P`` the projector onto the eigenvectors of ``C = K₀K₀ᵀ/n`` whose eigenvalues are (nearly) zero, every update
+  has the form ``ΔW = Y P``, so ``ΔW k₀ ≈ 0`` for every preserved key: what the model knew is left alone. Keys of
+  earlier edits ``K_p`` are protected too, through the least-squares term that keeps their outputs. Per layer
+  (in (in, out) layout, ``ΔW_io = ΔWᵀ``; AlphaEdit's Eq. 14, as its reference code solves it):
+
+      ΔW_io = (P (K Kᵀ + K_p K_pᵀ) + α I)⁻¹ P K R        (K: this step's keys, R: the residual share, α = l2)
+
+  which lies in the range of ``P``.
+
+Both return *one* :class:`~mechedit.editing.EditHandle` whose deltas are the total change of every edited
+parameter (edited model minus original) and whose ``restore()`` puts the original back bit-exactly. The handle
+is re-applied to the original weights at the end, so the model holds exactly ``original + delta`` (which can
+differ from the sum of the in-place steps by float rounding, ~1e-7 relative) and a saved handle re-applied to a
+fresh copy gives identical weights. If any step fails, the original weights are restored before the error
+propagates: nothing is left half-edited.
+
+``progress("edit", k, n)`` is called after each step while the model holds the first ``k`` edits: an analysis
+can measure the model there (see ``analyses/sequential_edits.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import torch
+
+from mechedit.data import EditRecord
+from mechedit.editing.handle import EditHandle
+from mechedit.editing.hparams import HyperParams
+from mechedit.editing.memit.compute_ks import prepare, read_resid
+from mechedit.editing.memit.compute_zs import compute_zs
+from mechedit.editing.memit.hparams import MEMITHyperParams
+from mechedit.editing.memit.memit_main import (Snapshot, check_requests, choose_layers, layer_statistics, spread,
+                                               value_evidence)
+from mechedit.editing.rome.hparams import ROMEHyperParams
+from mechedit.editing.rome.layer_stats import LayerStats, describe, layer_stats
+from mechedit.editing.rome.rome_main import _check_request, choose_layer, context_templates, rome
+from mechedit.editing.training import unbridged_copy
+from mechedit.errors import DataFormatError, InputError, MecheditError
+from mechedit.model import LoadedModel
+from mechedit.tracing.common import prepare_prompt
+
+Progress = Callable[[str, int, int], None]
+NESTED = {"rome": ROMEHyperParams, "memit": MEMITHyperParams}
+
+
+@dataclass(frozen=True)
+class SequentialHyperParams(HyperParams):
+    # The ROME hyperparameters of each seq-rome step. With layer="auto" the layer is traced once, on the first
+    # request, and kept for all; generated context prefixes are sampled once from the unedited model.
+    rome: ROMEHyperParams = field(default_factory=ROMEHyperParams)
+    # The MEMIT hyperparameters of each AlphaEdit step (layers, value optimisation, statistics source).
+    memit: MEMITHyperParams = field(default_factory=MEMITHyperParams)
+    # AlphaEdit: requests per step (AlphaEdit's paper: 100 per batch over 2,000-3,000 edits; 1 is fully
+    # sequential, the hardest case).
+    batch_size: int = 1
+    # AlphaEdit's null space: the eigenvectors of C = K₀K₀ᵀ/n with the smallest eigenvalues, as many as together
+    # hold at most this fraction of the keys' energy (trace C). So ‖P K₀‖²_F ≤ nullspace_energy · ‖K₀‖²_F on the
+    # statistics' keys by construction, whatever the keys' scale. (AlphaEdit's reference code thresholds
+    # eigenvalues at an absolute 2e-2; on the embedded model's layers 0-2 that keeps 0.3-1% of the energy.)
+    # On 8 sequential embedded-world edits, 1% (with l2=10) left 27-57% of each step's residual unwritten
+    # (ES 7/8, PS 6/8); 5% (with l2=1) left 1-7% (ES 7/8, PS 8/8).
+    nullspace_energy: float = 0.05
+    # α: the ridge term of AlphaEdit's solve. Its reference uses 10 ("L2") for GPT-J, whose keys are far larger
+    # than the embedded model's (mean ‖k‖ 4-12 at layers 0-2), so 1 here (see nullspace_energy).
+    l2: float = 1.0
+    # Protect the keys of earlier edits (AlphaEdit's K_p K_pᵀ cache). False: each step protects only K₀.
+    protect_edits: bool = True
+
+    def __post_init__(self) -> None:
+        for name, cls in NESTED.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                object.__setattr__(self, name, cls.from_dict(value))
+            elif not isinstance(value, cls):
+                raise InputError(f"{name} must be a {cls.__name__} or a dict of its fields, got "
+                                 f"{type(value).__name__}")
+        if not (isinstance(self.batch_size, int) and not isinstance(self.batch_size, bool) and self.batch_size > 0):
+            raise InputError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        e = self.nullspace_energy
+        if not (isinstance(e, (int, float)) and not isinstance(e, bool) and 0 <= e < 1):
+            raise InputError(f"nullspace_energy must be a fraction in [0, 1), got {e!r}")
+        if not (isinstance(self.l2, (int, float)) and not isinstance(self.l2, bool) and self.l2 > 0):
+            raise InputError(f"l2 must be a positive number, got {self.l2!r}")
+        if not isinstance(self.protect_edits, bool):
+            raise InputError(f"protect_edits must be True or False, got {self.protect_edits!r}")
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: (v.to_dict() if k in NESTED else v) for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SequentialHyperParams:
+        if not isinstance(d, dict):
+            raise DataFormatError(f"{cls.__name__}: expected a dict, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        if set(d) - known:
+            raise DataFormatError(f"{cls.__name__}: unknown field(s) {sorted(set(d) - known)}; known: {sorted(known)}")
+        return cls(**{k: (NESTED[k].from_dict(v) if k in NESTED and isinstance(v, dict) else v)
+                      for k, v in d.items()})
+
+    def with_overrides(self, items: list[str] | dict) -> SequentialHyperParams:
+        """As :meth:`HyperParams.with_overrides`, and dotted names reach the nested ones:
+        ``["rome.layer=1", "memit.layers=[0,1,2]", "batch_size=10"]``."""
+        pairs = list(items.items()) if isinstance(items, dict) else [_split(i) for i in items]
+        nested: dict[str, dict] = {}
+        top = {}
+        for key, value in pairs:
+            head, dot, rest = key.partition(".")
+            if dot:
+                if head not in NESTED:
+                    raise InputError(f"{type(self).__name__} has no nested hyperparameters {head!r}; "
+                                     f"nested: {', '.join(NESTED)}")
+                nested.setdefault(head, {})[rest] = value
+            else:
+                top[key] = value
+        out = super().with_overrides(top if isinstance(items, dict) else [f"{k}={v}" for k, v in top.items()])
+        for head, values in nested.items():
+            sub = getattr(out, head).with_overrides(
+                values if isinstance(items, dict) else [f"{k}={v}" for k, v in values.items()])
+            out = replace(out, **{head: sub})
+        return out
+
+
+def _split(item: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise InputError(f"hyperparameter {item!r}: write it as name=value")
+    key, value = item.split("=", 1)
+    return key.strip(), value.strip()
+
+
+# -- sequential ROME ----------------------------------------------------------------------------------------------
+
+
+def sequential_rome(model: LoadedModel, requests: Sequence[EditRecord],
+                    hparams: SequentialHyperParams = SequentialHyperParams(), progress: Progress | None = None,
+                    *, stats: LayerStats | None = None) -> EditHandle:
+    """ROME edits one after another (see the module docstring). A request the edited model already answers
+    with its new target (an earlier edit taught it) is skipped and listed in the evidence under ``"skipped"``."""
+    started = time.perf_counter()
+    hp = _check_hparams(hparams)
+    requests = check_requests(requests)
+    for r in requests:  # every prompt usable, before anything changes
+        prepare_prompt(model, r.prompt, r.subject, r.target_new)
+    fingerprint = model.fingerprint()
+    layer, layer_evidence = choose_layer(model, requests[0], hp.rome, progress)
+    rh = replace(hp.rome, layer=layer)
+    if rh.context_prefixes is None:  # sample once, from the unedited model: "<text>. {}" -> "<text>."
+        rh = replace(rh, context_prefixes=tuple(t[:-3] for t in context_templates(model, rh)[1:]))
+    if rh.mom2_adjustment and stats is None:  # the layer's keys do not depend on its own output projection
+        stats = layer_stats(model, layer, rh.mom2_source, rh.mom2_n_samples, max_tokens=rh.mom2_max_tokens,
+                            seed=rh.seed, top_k=rh.prefix_top_k,
+                            progress=(lambda d, t: progress("stats", d, t)) if progress else None)
+    snapshot = Snapshot(model, [layer])
+    steps, skipped = [], []
+    try:
+        for k, r in enumerate(requests):
+            try:
+                _check_request(model, r)
+            except InputError as e:  # already answered (new == true was refused above)
+                skipped.append({"case_id": r.case_id, "reason": str(e)})
+            else:
+                h = rome(model, r, rh, stats=stats)  # applied in place; the handle itself is not kept
+                ev = h.evidence
+                steps.append({"case_id": r.case_id, "target_prob": ev["target_prob"],
+                              "update_ratio": ev["update_ratio"], "v_steps": ev["v_steps"]})
+            if progress is not None:
+                progress("edit", k + 1, len(requests))
+        deltas = snapshot.changes()
+    finally:
+        snapshot.restore()
+    evidence = {**layer_evidence, "module": model.module_name(layer, "mlp_out"), "n_requests": len(requests),
+                "n_applied": len(steps), "skipped": skipped, "steps": steps,
+                "context_prefixes": list(rh.context_prefixes),
+                "stats": describe(stats) if stats is not None else None,
+                "seconds": round(time.perf_counter() - started, 4)}
+    return _finish(model, "seq-rome", deltas, hp, requests, fingerprint, evidence)
+
+
+# -- AlphaEdit ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class NullSpace:
+    """The projector onto the null space of one layer's preserved keys."""
+
+    P: torch.Tensor  # (d_mlp, d_mlp) float64, symmetric, P @ P = P
+    n_null: int  # its rank: eigenvectors kept
+    threshold: float  # the largest eigenvalue kept (eigenvalues of C = E[k kᵀ])
+    energy: float  # fraction of trace C in the kept directions (= ‖P K₀‖²_F / ‖K₀‖²_F on the statistics' keys)
+
+    def describe(self) -> dict:
+        return {"n_null": self.n_null, "threshold": self.threshold, "energy": self.energy}
+
+
+def null_space(mom2: torch.Tensor, energy: float) -> NullSpace:
+    """``P = U₀ U₀ᵀ`` with ``U₀`` the eigenvectors of ``mom2`` (C = K₀K₀ᵀ/n) with the smallest eigenvalues, as
+    many as hold at most ``energy`` of ``trace C`` together."""
+    ev, U = torch.linalg.eigh(mom2.double().cpu())  # ascending
+    ev = ev.clamp_min(0)
+    total = float(ev.sum())
+    cum = torch.cumsum(ev, 0) / max(total, 1e-300)
+    k = int((cum <= energy).sum())
+    basis = U[:, :k]  # (d, k)
+    return NullSpace(P=basis @ basis.T, n_null=k, threshold=float(ev[k - 1]) if k else 0.0,
+                     energy=float(cum[k - 1]) if k else 0.0)
+
+
+def alphaedit(model: LoadedModel, requests: Sequence[EditRecord],
+              hparams: SequentialHyperParams = SequentialHyperParams(), progress: Progress | None = None,
+              *, stats: dict[int, LayerStats] | None = None) -> EditHandle:
+    """AlphaEdit: ``hparams.batch_size`` requests per step, each step a null-space-projected MEMIT update (see
+    the module docstring). Layers are chosen (``memit.layers``), statistics read and projectors built once, on
+    the unedited model."""
+    started = time.perf_counter()
+    hp = _check_hparams(hparams)
+    mh = hp.memit
+    if not mh.mom2_adjustment:
+        raise InputError("alphaedit needs the key statistics for its null space; set memit.mom2_adjustment=True")
+    requests = check_requests(requests)
+    fingerprint = model.fingerprint()
+    layers, layer_evidence = choose_layers(model, requests, mh, progress)
+    stats = layer_statistics(model, layers, mh, progress, stats)
+    spaces = {layer: null_space(stats[layer].mom2, hp.nullspace_energy) for layer in layers}
+    templates = context_templates(model, mh)
+    prep = prepare(model, requests, templates, mh.key_position)  # every prompt usable, before anything changes
+    protected = {layer: torch.zeros(model.d_mlp, model.d_mlp, dtype=torch.float64) for layer in layers}
+    eye = torch.eye(model.d_mlp, dtype=torch.float64)
+
+    def solve(i: int, layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:  # K (n, d_mlp), R (n, d_model)
+        P = spaces[layer].P
+        return torch.linalg.solve(P @ (K.T @ K + protected[layer]) + hp.l2 * eye, P @ (K.T @ R))
+
+    def remember(i: int, layer: int, K: torch.Tensor) -> None:
+        if hp.protect_edits:
+            protected[layer] += K.T @ K
+
+    snapshot = Snapshot(model, layers)
+    hf = unbridged_copy(model)  # the value optimisation's copy, kept in step with the edited layers
+    copies = [hf.get_submodule(model.module_name(layer, "mlp_out")).weight for layer in layers]
+    notes = []
+    try:
+        for s in range(0, len(requests), hp.batch_size):
+            sub = prep.subset(range(s, min(len(requests), s + hp.batch_size)))
+            values = compute_zs(model, sub, layers[-1], read_resid(model, sub, layers[-1]), mh, hf=hf)
+            _, per_layer = spread(model, sub, layers, values, solve, mh.max_update_ratio, on_layer=remember)
+            with torch.no_grad():
+                for copy, layer in zip(copies, layers):
+                    copy.copy_(model.module(layer, "mlp_out").weight)
+            notes.append({"case_ids": [r.case_id for r in sub.requests],
+                          **value_evidence(values, read_resid(model, sub, layers[-1])),
+                          "update_ratio": [p["update_ratio"] for p in per_layer]})
+            if progress is not None:
+                progress("edit", sub.n + s, len(requests))
+        deltas = snapshot.changes()
+    finally:
+        snapshot.restore()
+    evidence = {**layer_evidence, "modules": [model.module_name(layer, "mlp_out") for layer in layers],
+                "n_requests": len(requests), "batch_size": hp.batch_size, "templates": list(templates),
+                "null_space": {str(layer): spaces[layer].describe() for layer in layers},
+                "steps": notes, "stats": {str(k): describe(v) for k, v in stats.items()},
+                "seconds": round(time.perf_counter() - started, 4)}
+    return _finish(model, "alphaedit", deltas, hp, requests, fingerprint, evidence)
+
+
+# -- shared -------------------------------------------------------------------------------------------------------
+
+
+def _check_hparams(hparams) -> SequentialHyperParams:
+    if isinstance(hparams, dict):
+        return SequentialHyperParams.from_dict(hparams)
+    if not isinstance(hparams, SequentialHyperParams):
+        raise InputError(f"hparams must be a SequentialHyperParams, got {type(hparams).__name__}")
+    return hparams
+
+
+def _finish(model: LoadedModel, method: str, deltas: dict, hp: SequentialHyperParams, requests, fingerprint: str,
+            evidence: dict) -> EditHandle:
+    """The handle of the total change (every snapshotted parameter, zero where every request was skipped),
+    applied to the (restored) original weights."""
+    for name, d in deltas.items():
+        if not torch.isfinite(d).all():
+            raise MecheditError(f"{method}: the total change of {name} is not finite. Nothing was changed")
+    handle = EditHandle(method=method, deltas=deltas, hparams=hp.to_dict(),
+                        requests=[r.to_dict() for r in requests], model_name=model.name,
+                        model_fingerprint=fingerprint, evidence=evidence)
+    handle._apply_checked(model)
+    return handle
