@@ -146,6 +146,7 @@ def test_bad_hyperparameters_are_refused_with_one_clear_error(bad, message):
     (dict(modules=("0.mlp_out",)), "not in ELM's layers"),
     (dict(concept="auto"), "world.json"),
     (dict(retain_text=()), "no retain text"),
+    (dict(modules=("auto",)), "does not apply"),
 ])
 def test_bad_choices_fail_before_any_weight_changes(models, bad, message):
     m = models("llama")
@@ -156,6 +157,10 @@ def test_bad_choices_fail_before_any_weight_changes(models, bad, message):
     assert m.fingerprint() == fp and all(torch.equal(v, before[k]) for k, v in _state(m).items())
     with pytest.raises(InputError, match="non-empty list"):
         elm(m, [], ELMHyperParams(**TINY))
+    unknown = EditRecord(case_id=9, template="{} was born in", subject="Nomvou Datar", target_new="Oslo")
+    with pytest.raises(InputError, match="target_true"):
+        elm(m, [unknown], ELMHyperParams(**TINY))
+    assert m.fingerprint() == fp
 
 
 def test_hparams_round_trip_and_overrides():

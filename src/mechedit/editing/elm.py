@@ -326,6 +326,9 @@ def elm_modules(model: LoadedModel, hparams: ELMHyperParams) -> list[str]:
     chosen: list[str] = []
     for entry in hparams.modules:
         entry = entry.strip()
+        if entry == "auto":
+            raise InputError("ELM erases a concept, not one located fact: modules='auto' does not apply; name "
+                             "'mlp', 'attn', module kinds or module names within `layers`")
         if entry in MODULE_GROUPS or entry in kinds:
             names = [model.module_name(layer, k) for layer in hparams.layers for k in kinds
                      if k == entry or (entry in MODULE_GROUPS and k.startswith(entry))]
@@ -349,6 +352,9 @@ def domain_texts(model: LoadedModel, requests: Sequence[EditRecord], hparams: EL
     (fluency)."""
     erase, prompts = [], []
     for r in requests:
+        if r.target_true is None:
+            raise InputError(f"ELM erases what the model knows: request {r.case_id!r} needs target_true (the "
+                             "current answer), which is what its erase text states")
         for p in (r.prompt, *r.paraphrases):
             ids = _plain(model, p)
             erase.append(ids + encode_target(model, p, r.target_true))
