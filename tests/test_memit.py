@@ -14,7 +14,7 @@ import torch
 
 import mechedit
 from mechedit.data import EditRecord
-from mechedit.editing import EditHandle
+from mechedit.editing import EditHandle, layer_stats
 from mechedit.editing.memit import MEMITHyperParams, memit
 from mechedit.editing.memit.compute_ks import prepare, read_resid
 from mechedit.editing.memit.compute_zs import compute_zs
@@ -113,9 +113,11 @@ def test_tiny_models_edit_only_the_given_layers_in_their_layout(sharp, arch):
     before = snapshot(m)
     recs = [EditRecord(0, "Yesterday I met {}", "Voupeis Draexmir", "Paris"),
             EditRecord(1, "Yesterday I met {}", "Dalo Frenwick", "Lisbon")]
-    hp = MEMITHyperParams(layers=(0, 1), context_prefixes=(), v_num_grad_steps=3, mom2_source="model",
-                          mom2_n_samples=100, mom2_max_tokens=32, max_update_ratio=1e6, v_weight_decay=0.0)
-    with memit(m, recs, hp) as h:
+    hp = MEMITHyperParams(layers=(0, 1), context_prefixes=(), v_num_grad_steps=3, max_update_ratio=1e6,
+                          v_weight_decay=0.0)
+    texts = [r.prompt for r in world_records(embedded_world(), n=60, seed=2)]  # ~600 keys for 64 dimensions
+    stats = {layer: layer_stats(m, layer, texts, n_samples=60, max_tokens=32) for layer in (0, 1)}
+    with memit(m, recs, hp, stats=stats) as h:
         assert set(h.deltas) == {m.module_name(layer, "mlp_out") + ".weight" for layer in (0, 1)}
         for name, d in h.deltas.items():
             assert d.shape == before[name].shape and d.abs().sum() > 0
