@@ -11,14 +11,21 @@ count and device.
     python benchmarks/bench_patching.py --device cuda --threads 16
 
 transformer_lens runs one forward per entry (its tqdm bar is silenced here: TQDM_DISABLE); mechedit puts
-``--batch-size`` entries in each forward. mechedit's time is end to end (its clean and corrupted runs and the
-model fingerprint included); transformer_lens's excludes the clean-cache run it is handed.
+``--batch-size`` entries in each forward, its clean and corrupted runs included as two more rows of the first
+forward. mechedit's time is end to end (its clean and corrupted runs and the model fingerprint included);
+transformer_lens's excludes the clean-cache run it is handed. Each side is timed ``--repeat`` times, interleaved,
+and the fastest kept; on a CPU with one thread the clock is the process's CPU time (``--clock``), which other
+processes on a shared machine disturb far less than the wall clock.
 
-What to expect. transformer_lens pays a fixed cost per forward (Python, hooks, a one-row forward) that batching
-removes; mechedit also starts each patched row at the layer it patches (the layers below are the unpatched
-run's, cached once) and unembeds only the answer position. Where one row is cheap next to that fixed cost (small models; any model on a GPU) the gain is large.
-On a CPU running a model whose one-row forward is already compute-bound, the gain is bounded by the compute
-saved: a few times.
+What to expect. transformer_lens pays per entry one batch-1 forward: a fixed cost (Python, module calls, hooks)
+plus one row's arithmetic. Batching removes the fixed cost; what remains is arithmetic. mechedit starts each
+patched row at the layer it patches (on average half the layers) and unembeds only the answer position, so on a
+CPU, where one row's arithmetic is a sizeable part of a batch-1 forward, the ratio is bounded by about
+(batch-1 forward) / (half a row's arithmetic), less the one forward's fixed cost shared by few entries. The last
+two columns measure this: "rows only" times the same forwards with the same rows and no patching, setup or
+scoring, and "bound" is transformer_lens's time over it. Sweeps with few entries (``v``: n_layers ×
+n_kv_heads) stay below 10× on a CPU thread for that reason. Where one row is cheap next to the fixed cost
+(small models with many entries; any model on a GPU) the gain is large.
 """
 
 from __future__ import annotations
@@ -112,6 +119,31 @@ def time_mechedit(m, component: str, clean: str, corrupted: str, batch_size: int
     return CLOCK[0]() - t0, r
 
 
+def time_rows_only(m, component: str, clean: str, corrupted: str, batch_size: int) -> float:
+    """The forwards mechedit's engine runs for ``component`` with the same rows in them (the clean and corrupted
+    reference rows, each patched row joining at its layer) but no patching, setup or scoring: what batching
+    cannot remove. transformer_lens's time over this bounds the speed-up any engine of this kind can reach."""
+    from mechedit.tracing import patching as P
+
+    cfg = P.PatchingConfig(components=(component,), batch_size=batch_size)
+    x = torch.tensor([m.encode(clean)], device=m.device)  # (1, T): the input without a target
+    variants = P.blocks(m, P.check_components(m, cfg), cfg, x.shape[1])
+    corrupted_rows = P.entry_states(m, torch.tensor([m.encode(corrupted)], device=m.device), None, None)
+    first = P.Site(0, "resid_pre").hook_name
+    _sync(m.device)
+    t0 = CLOCK[0]()
+    for chunk in P.plan_chunks(variants, batch_size):
+        layers = torch.tensor([b.layer for b in variants for _ in b.index])[chunk.start: chunk.stop]
+        entry, counts = layers.unique_consecutive(return_counts=True)
+        fwd = [(first, P._reference_rows(corrupted_rows))]
+        fwd += [(P.Site(layer, "resid_pre").hook_name, P._append_copies(1, n))
+                for layer, n in zip(entry.tolist(), counts.tolist())]
+        with torch.no_grad(), P.hooks(m, fwd):
+            P.answer_logits(m, x, 1)
+    _sync(m.device)
+    return CLOCK[0]() - t0
+
+
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -125,20 +157,21 @@ def bench(m, what: str, clean: str, corrupted: str, components: list[str], batch
     print(f"prompts: {clean!r} vs {corrupted!r} ({len(first.tokens)} tokens); answer {first.answer!r}, "
           f"foil {first.foil!r}; metric: logit difference")
     print(f"{'component':<16}{'entries':>9}{'TL (s)':>10}{'mechedit (s)':>14}{'speed-up':>10}{'max |diff|':>12}"
-          f"{'value range':>13}")
+          f"{'value range':>13}{'rows only (s)':>15}{'bound':>8}")
     tl_total = ours_total = 0.0
     for c in components:
-        ours_s = tl_s = float("inf")
+        ours_s = tl_s = rows_s = float("inf")
         for _ in range(repeat):  # interleaved; the fastest of each (least disturbed by other processes)
             seconds, r = time_mechedit(m, c, clean, corrupted, batch_size)
             ours_s = min(ours_s, seconds)
             seconds, tl_out = time_tl(m, c, clean, corrupted, answer, foil)
             tl_s = min(tl_s, seconds)
+            rows_s = min(rows_s, time_rows_only(m, c, clean, corrupted, batch_size))
         diff = float((r.values[c] - tl_out).abs().max())
         spread = float(r.values[c].max() - r.values[c].min())
         tl_total, ours_total = tl_total + tl_s, ours_total + ours_s
         print(f"{c:<16}{r.values[c].numel():>9}{tl_s:>10.3f}{ours_s:>14.3f}{tl_s / ours_s:>9.1f}×{diff:>12.2e}"
-              f"{spread:>13.3f}")
+              f"{spread:>13.3f}{rows_s:>15.3f}{tl_s / rows_s:>7.1f}×")
     print(f"{'all':<16}{'':>9}{tl_total:>10.3f}{ours_total:>14.3f}{tl_total / ours_total:>9.1f}×")
     print()
 

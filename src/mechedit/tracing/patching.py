@@ -91,21 +91,8 @@ from mechedit.errors import DataFormatError, InputError
 from mechedit.model import LoadedModel
 from mechedit.results import JsonResult
 from mechedit.sites import HEAD_COMPONENTS, KV_COMPONENTS, RESIDUAL_COMPONENTS, Site
-from mechedit.tracing.causal import (
-    EMBED_HOOK,
-    CausalTraceConfig,
-    Progress,
-    _add_noise,
-    resolve_noise,
-)
-from mechedit.tracing.common import (
-    HookFn,
-    Prompt,
-    draw_noise,
-    encode_target,
-    hooks,
-    prepare_prompt,
-)
+from mechedit.tracing.causal import EMBED_HOOK, CausalTraceConfig, Progress, _add_noise, resolve_noise
+from mechedit.tracing.common import HookFn, Prompt, draw_noise, encode_target, hooks, prepare_prompt
 
 FORMAT = "mechedit.patching/1"
 DIRECTIONS = ("denoise", "noise")
@@ -718,12 +705,12 @@ def patched_forwards(model: LoadedModel, cor: Corruption, variants: list[Block],
     The model reads the clean input alone (batch 1); entering the first layer the batch becomes the forward's
     reference rows, the unpatched runs: row 0 is the clean run, the next rows the corrupted run (all ``S`` noise
     samples in the very first forward, so that it alone fixes the answer, the foil and the metric; the forward's
-    own sample after that). Nothing is cached between forwards: a variant's
-    row joins the batch where its layer begins, as a copy of the base reference row's residual stream there
-    (the layers below are the base run's: no row computes a layer below the one it patches), and each patch
-    copies its slice from the source reference row of the same batch, at the same hook, in the same forward.
-    The first forward is therefore also the clean and the corrupted run. Memory is bounded by ``batch_size``
-    (+ S + 1 rows), not by the number of variants.
+    own sample after that). Nothing is cached between forwards: a variant's row joins the batch where its
+    layer begins, as a copy of the base reference row's residual stream there (the layers below are the base
+    run's: no row computes a layer below the one it patches), and each patch copies its slice from the source
+    reference row of the same batch, at the same hook, in the same forward. The first forward is therefore
+    also the clean and the corrupted run. Memory is bounded by ``batch_size`` (+ S + 1 rows), not by the
+    number of variants.
     """
     base, _ = base_and_source(direction)
     p = cor.prompt
