@@ -12,8 +12,15 @@ from typer.testing import CliRunner
 import mechedit
 from mechedit.cli import app
 from mechedit.data import EditRecord
-from mechedit.editing.ia3 import (IA3HyperParams, UnlearnLearnHyperParams, feedforward_modules, ia3,
-                                  ia3_unlearn_learn, training_prompts, wrap_ia3)
+from mechedit.editing.ia3 import (
+    IA3HyperParams,
+    UnlearnLearnHyperParams,
+    feedforward_modules,
+    ia3,
+    ia3_unlearn_learn,
+    training_prompts,
+    wrap_ia3,
+)
 from mechedit.editing.methods import edit
 from mechedit.editing.training import unbridged_copy
 from mechedit.errors import InputError
@@ -25,7 +32,7 @@ REQUEST = EditRecord(0, "{} was born in the city of", SUBJECT, "Paris", "Rome",
 # Modules per architecture for the targeted tests: GPT-2's fused c_attn (attention, output scaled) and an MLP input
 # (feed-forward, input scaled); Llama's q_proj and down_proj likewise.
 MODULES = {"gpt2": ("0.attn_qkv", "1.mlp_in0"), "llama": ("0.attn_q", "2.mlp_out")}
-FAST = dict(steps=8, lr=0.1, stop_loss=0.0)
+FAST = {"steps": 8, "lr": 0.1, "stop_loss": 0.0}
 
 
 _HF_NAMES: dict[int, set[str]] = {}
@@ -43,8 +50,8 @@ def state(m) -> dict[str, torch.Tensor]:
 
 def assert_same(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    for k, v in a.items():
+        assert torch.equal(v, b[k]), k
 
 
 def ids(m, text: str) -> torch.Tensor:

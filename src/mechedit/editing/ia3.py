@@ -21,13 +21,14 @@ exact change is applied to the user's model as an :class:`~mechedit.editing.Edit
 adapter in peft's own format (``handle.save(d)`` writes ``d/adapter/``, loadable with
 ``PeftModel.from_pretrained(hf_model, d / "adapter")`` alone).
 
-GPT-2's fused ``attn.c_attn`` (q, k and v in one Conv1D): RESOURCES.md found (IA)³ on it had no effect when
-peft wrapped the *bridged* model, because the bridge reads q/k/v through its own split of that layer. Here peft
-never touches the bridge: the adapter is trained on the plain HF copy (where ``c_attn`` is an ordinary Conv1D and
-its output scaling is one vector over q|k|v) and only the merged weight change reaches the user's model. After
-applying, the edit is checked *through the bridge*: its logits on the training prompts must match the trained
-copy's (the largest difference, and how far the edit moved the bridge's logits, are recorded as
-``evidence["bridge_check"]``), else the edit is undone and refused. On a tiny GPT-2 with (IA)³ on ``c_attn`` only,
+GPT-2's fused ``attn.c_attn`` (q, k and v in one Conv1D): RESOURCES.md found an (IA)³ layer on it had no effect
+inside the bridge. The bridge's q, k and v parameters are split *views* of ``c_attn``'s weight: a change to the
+weight is seen, a peft wrapper around the module apparently is not. So here peft never meets the bridge: the
+adapter is trained on the plain HF copy (where ``c_attn`` is an ordinary Conv1D and its output scaling is one
+vector over q|k|v) and only the merged weight change reaches the user's model. After applying, the edit is
+checked *through the bridge*: its logits on the training prompts must match the trained copy's (the largest
+difference, and how far the edit moved the bridge's logits, are recorded as ``evidence["bridge_check"]``), else
+the edit is undone and refused. On a tiny GPT-2 with (IA)³ on ``c_attn`` only,
 the merged change does act through the bridge (tests/test_ia3.py checks it).
 
 **Unlearn-then-learn** (:func:`ia3_unlearn_learn`): stage 1 trains an adapter on the same prompts towards an
@@ -58,8 +59,15 @@ import torch
 from mechedit.data import EditRecord
 from mechedit.editing.handle import EditHandle
 from mechedit.editing.hparams import HyperParams
-from mechedit.editing.training import (Progress, adam_loop, answer_batch, answer_loss, select_modules,
-                                       unbridged_copy, weight_deltas)
+from mechedit.editing.training import (
+    Progress,
+    adam_loop,
+    answer_batch,
+    answer_loss,
+    select_modules,
+    unbridged_copy,
+    weight_deltas,
+)
 from mechedit.errors import InputError, MecheditError
 from mechedit.model import LoadedModel
 
