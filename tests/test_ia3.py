@@ -114,13 +114,13 @@ def test_fused_qkv_alone_acts_through_the_bridge(models):
         torch.testing.assert_close(via_bridge, via_hf, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["ia3", "ia3-unlearn-learn"])
-def test_saved_adapter_loads_with_peft_alone(models, tiny_dir, tmp_path, method):
+@pytest.mark.parametrize("method, arch", [("ia3", "llama"), ("ia3", "gpt2"), ("ia3-unlearn-learn", "llama")])
+def test_saved_adapter_loads_with_peft_alone(models, tiny_dir, tmp_path, method, arch):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    m = models("llama")
-    hp = {"modules": list(MODULES["llama"]), **FAST}
+    m = models(arch)
+    hp = {"modules": list(MODULES[arch]), **FAST}
     if method == "ia3-unlearn-learn":
         hp.update(unlearn_steps=5, unlearn_lr=0.1, unlearn_stop_loss=0.0)
     x = ids(m, REQUEST.paraphrases[0])
@@ -128,7 +128,7 @@ def test_saved_adapter_loads_with_peft_alone(models, tiny_dir, tmp_path, method)
         with torch.no_grad():
             edited = m.hf_model(input_ids=x).logits
         handle.save(tmp_path / "edit")
-    fresh = AutoModelForCausalLM.from_pretrained(tiny_dir("llama")).eval()
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_dir(arch)).eval()
     with torch.no_grad():
         plain = fresh(input_ids=x).logits
         loaded = PeftModel.from_pretrained(fresh, tmp_path / "edit" / "adapter")
