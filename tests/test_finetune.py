@@ -43,12 +43,17 @@ def changed(m, snap) -> set[str]:
     return {k for k in snap if not torch.equal(now[k], snap[k])}
 
 
-@pytest.fixture(scope="module")
-def world_request(embedded):
+def embedded_request(m) -> EditRecord:
+    """One embedded-world record the unedited model answers with its true object."""
     from mechedit.toy.export import world_records
     from mechedit.toy.world import World
 
-    return world_records(World.load(embedded.path / "world.json"), n=1, seed=3)[0]
+    return world_records(World.load(m.path / "world.json"), n=1, seed=3)[0]
+
+
+@pytest.fixture(scope="module")
+def world_request(embedded):
+    return embedded_request(embedded)
 
 
 def prefers_new(m, r: EditRecord, prompt: str | None = None) -> bool:

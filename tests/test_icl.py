@@ -4,6 +4,7 @@ prompt through ``handle.prompt``, apply/restore/save/load behave as for every ha
 from __future__ import annotations
 
 import pytest
+from test_finetune import TINY_REQUEST, embedded_request, same_weights, snapshot
 from typer.testing import CliRunner
 
 from mechedit.cli import app
@@ -13,7 +14,11 @@ from mechedit.editing.icl import ICLHyperParams, context_for, icl
 from mechedit.editing.methods import edit
 from mechedit.errors import InputError, MecheditError
 from mechedit.evaluation.counterfact import answer_nll
-from test_finetune import TINY_REQUEST, same_weights, snapshot, world_request  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def world_request(embedded):
+    return embedded_request(embedded)
 
 
 def test_context_states_the_facts_and_reaches_the_prompt(embedded, world_request):

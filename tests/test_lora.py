@@ -9,14 +9,32 @@ import json
 
 import pytest
 import torch
+from test_finetune import (
+    TINY_REQUEST,
+    changed,
+    embedded_request,
+    prefers_new,
+    same_weights,
+    snapshot,
+)
 from typer.testing import CliRunner
 
 from mechedit.cli import app
 from mechedit.editing import EditHandle
-from mechedit.editing.lora import LoRAHyperParams, RegLoRAHyperParams, lora, reg_lora, retention_data
+from mechedit.editing.lora import (
+    LoRAHyperParams,
+    RegLoRAHyperParams,
+    lora,
+    reg_lora,
+    retention_data,
+)
 from mechedit.editing.training import unbridged_copy
 from mechedit.errors import InputError
-from test_finetune import TINY_REQUEST, changed, prefers_new, same_weights, snapshot, world_request  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def world_request(embedded):
+    return embedded_request(embedded)
 
 
 def test_lora_edit_wins_on_the_embedded_model_and_restore_is_bit_exact(embedded, world_request):

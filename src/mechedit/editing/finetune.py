@@ -35,6 +35,7 @@ True
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -44,8 +45,15 @@ import torch
 from mechedit.data import EditRecord
 from mechedit.editing.handle import EditHandle
 from mechedit.editing.hparams import HyperParams
-from mechedit.editing.training import (Progress, adam_loop, answer_batch, answer_loss, select_modules,
-                                       unbridged_copy, weight_deltas)
+from mechedit.editing.training import (
+    Progress,
+    adam_loop,
+    answer_batch,
+    answer_loss,
+    select_modules,
+    unbridged_copy,
+    weight_deltas,
+)
 from mechedit.errors import InputError
 from mechedit.model import LoadedModel, canonical_param_name
 
@@ -97,7 +105,7 @@ class FTHyperParams(HyperParams):
 
 
 def _number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf")
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _positive(x) -> bool:

@@ -50,12 +50,28 @@ from pathlib import Path
 import torch
 
 from mechedit.data import EditRecord
-from mechedit.editing.finetune import (_number, _positive, check_layers, check_layers_field, check_modules_field,
-                                       check_requests, edit_pairs, modules_in_layers, seeded)
+from mechedit.editing.finetune import (
+    _number,
+    _positive,
+    check_layers,
+    check_layers_field,
+    check_modules_field,
+    check_requests,
+    edit_pairs,
+    modules_in_layers,
+    seeded,
+)
 from mechedit.editing.handle import EditHandle
 from mechedit.editing.hparams import HyperParams
-from mechedit.editing.training import (Progress, adam_loop, answer_batch, answer_loss,
-                                       select_modules, unbridged_copy, weight_deltas)
+from mechedit.editing.training import (
+    Progress,
+    adam_loop,
+    answer_batch,
+    answer_loss,
+    select_modules,
+    unbridged_copy,
+    weight_deltas,
+)
 from mechedit.errors import InputError
 from mechedit.model import LoadedModel
 
@@ -175,7 +191,7 @@ def reg_lora(model: LoadedModel, requests: EditRecord | Sequence[EditRecord],
 
     def extra(hf: torch.nn.Module, frozen_logprobs: torch.Tensor) -> torch.Tensor:
         # one forward over the retention rows gives both terms
-        ids, mask, labels = kl_batch
+        _, mask, labels = kl_batch
         lp = _logprobs(hf, kl_batch)  # (B, T, V)
         kl = (frozen_logprobs.exp() * (frozen_logprobs - lp)).sum(-1)  # (B, T)
         m = mask.to(kl.dtype)
