@@ -143,6 +143,8 @@ class UnlearnLearnHyperParams(IA3HyperParams):
     # stage 2 writes the new answer over "uncertain" rather than over the old fact.
     uncertain_answer: str = "I am not sure"
     # Stage 1 trains the same modules as stage 2, with its own budget (same reasoning as steps/lr above).
+    # Measured on the embedded model (docs/results/ia3-compare): the longer stage 1, the less survives elsewhere -
+    # 60 steps left 12% of other facts, 20 steps 41%, 5 steps 83% (plain (IA)³ on the same modules: 83%).
     unlearn_steps: int = 60
     unlearn_lr: float = 0.05
     unlearn_stop_loss: float = 0.05
