@@ -180,9 +180,12 @@ def test_window_layers_is_romes_formula():
 
 
 def test_scaled_window_keeps_romes_proportion():
-    """ROME's 10 where it spans at most a third of the model, a third of the layers below that (at least 1):
-    on the embedded model's 8 layers a window of 10 would restore every layer for centres 3 to 5."""
-    assert [scaled_window(n) for n in (1, 3, 8, 12, 28, 30, 48)] == [1, 1, 2, 4, 9, 10, 10]
+    """A fifth of the layers (ROME: 10 of GPT-2 XL's 48), at least 1, as locate's default: on the embedded
+    model's 8 layers a window of 10 would restore every layer for centres 3 to 5."""
+    from mechedit.locating import LocateConfig
+
+    assert [scaled_window(n) for n in (1, 3, 8, 12, 28, 30, 48)] == [1, 1, 2, 2, 6, 6, 10]
+    assert all(scaled_window(n) == LocateConfig().window_for(n) for n in range(1, 100))
     assert [len(window_layers(c, 10, 8)) for c in range(8)] == [5, 6, 7, 8, 8, 8, 7, 6]
     assert [len(window_layers(c, scaled_window(8), 8)) for c in range(8)] == [1, 2, 2, 2, 2, 2, 2, 2]
 

@@ -60,8 +60,9 @@ def trace(
                                                    "embeddings.")] = None,
     window: Annotated[Optional[int], typer.Option(
         help="Layers restored together for mlp/attn, centred on each layer and clipped at the edges. Default: "
-             "ROME's 10, but at most a third of the model's layers (at least 1): 10 on SmolLM2 (30 layers), 2 on "
-             "the embedded model (8 layers), where 10 would restore nearly every layer in every cell.")] = None,
+             "ROME's proportion (10 of GPT-2 XL's 48 layers), a fifth of the model's layers, rounded, at least 1: "
+             "6 on SmolLM2 (30 layers), 2 on the embedded model (8 layers), where ROME's 10 would restore nearly "
+             "every layer in every cell. Same default as mechedit locate.")] = None,
     kinds: Annotated[str, typer.Option(help="Comma-separated kinds: hidden, mlp, attn.")] = "hidden,mlp,attn",
     seed: Annotated[int, typer.Option(help="Seed of the noise and, with --data, of the random choice of "
                                       "records.")] = 0,

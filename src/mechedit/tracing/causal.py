@@ -93,7 +93,7 @@ class CausalTraceConfig:
     samples: int = 10  # corrupted runs (noise samples) averaged per cell
     noise: float | None = None  # noise std; None = 3 × std of subject token embeddings (see resolve_noise)
     window: int = ROME_WINDOW  # layers restored together for "mlp"/"attn", centred on the row's layer (clipped;
-    # on small models scaled_window(n_layers) is the better choice, and what `mechedit trace` uses by default)
+    # on smaller models than ROME's scaled_window(n_layers) keeps its proportion: `mechedit trace` uses that)
     kinds: tuple[str, ...] = ("hidden", "mlp", "attn")  # which states to trace
     seed: int = 0  # seeds the noise generator: same seed, same noise, same result
     batch_size: int = 256  # (cell, sample) rows per forward; bounds memory
@@ -127,13 +127,15 @@ class CausalTraceConfig:
 
 
 def scaled_window(n_layers: int) -> int:
-    """A window for a model of ``n_layers``: ROME's 10, but at most a third of the layers (at least 1).
+    """A window for a model of ``n_layers``: ROME's proportion, a fifth of the layers (rounded, at least 1).
 
-    ROME's 10 spans a fifth to a third of the models it traced. On a small model it spans most of it: on the
-    embedded model (8 layers) the windows centred on layers 3 to 5 restore all 8 layers and every other
-    centre 5 to 7 of them, so the MLP and attention maps say little about where. A third keeps ROME's
-    proportion: 10 on 30+ layers (SmolLM2), 2 on the embedded model, 1 on a 3-layer test model."""
-    return max(1, min(ROME_WINDOW, n_layers // 3))
+    ROME's 10 is about a fifth of GPT-2 XL's 48 layers. On a small model 10 spans most of it: on the embedded
+    model (8 layers) the windows centred on layers 3 to 5 restore all 8 layers and every other centre 5 to 7
+    of them, so the MLP and attention maps say little about where. A fifth gives 10 on GPT-2 XL, 6 on SmolLM2
+    (30 layers), 2 on the embedded model, 1 on a 3-layer test model; the same rule as
+    :meth:`mechedit.locating.LocateConfig.window_for`, so that ``mechedit trace`` and ``mechedit locate`` trace
+    with the same window by default."""
+    return max(1, round(n_layers / 5))
 
 
 def window_layers(centre: int, window: int, n_layers: int) -> range:
