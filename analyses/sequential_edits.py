@@ -84,6 +84,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="docs/results/sequential-edits")
+    ap.add_argument("--alphaedit-hp", nargs="*", default=[], help="overrides of AlphaEdit's SequentialHyperParams "
+                    "(name=value, dotted for nested: memit.v_lr=0.2)")
+    ap.add_argument("--seq-rome-hp", nargs="*", default=[], help="overrides of seq-rome's SequentialHyperParams")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -106,6 +109,8 @@ def main() -> None:
     # Both use 5 context prefixes of 10 tokens (MEMIT's choice; ROME samples 20), so they see the same prompts.
     hparams = {"seq-rome": SequentialHyperParams(rome=ROMEHyperParams(layer=1, prefix_lengths=((10, 5),))),
                "alphaedit": SequentialHyperParams(memit=MEMITHyperParams(layers=(0, 1, 2)))}
+    hparams["seq-rome"] = hparams["seq-rome"].with_overrides(args.seq_rome_hp)
+    hparams["alphaedit"] = hparams["alphaedit"].with_overrides(args.alphaedit_hp)
     results = []
     for name in args.methods.split(","):
         results.append(run_method(model, name, records, hparams[name], checkpoints, args.budget,
@@ -113,8 +118,9 @@ def main() -> None:
         assert model.fingerprint() == before, "the model was not restored"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = ("OMP_NUM_THREADS=1 .venv/bin/python analyses/sequential_edits.py " +
-               " ".join(f"--{k} {v}" for k, v in vars(args).items()))
+    command = "OMP_NUM_THREADS=1 .venv/bin/python analyses/sequential_edits.py " + " ".join(
+        f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items()
+        if not (isinstance(v, list) and not v))
     data = {"command": command, "model": model.name, "n_records": args.n, "threads": args.threads,
             "unedited": {k: v for k, v in base.items() if k != "per_record_ns"}, "results": results,
             "scores": "mechedit.evaluation.counterfact.rewrite_scores (ES/PS/NS success, %, over the records "
