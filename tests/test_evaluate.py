@@ -16,7 +16,7 @@ from mechedit.editing.handle import EditHandle
 from mechedit.editing.methods import edit
 from mechedit.errors import InputError
 from mechedit.evaluation import EvalConfig, EvalResult, Evaluator, evaluate, rewrite_scores
-from mechedit.evaluation.stats import interval, mean_ci, t_quantile, wilson
+from mechedit.evaluation.stats import interval, mean_ci, rate_over_units, t_quantile, wilson
 from mechedit.evaluation.text import TfIdf, has_loop, ngram_entropy, target_share
 from mechedit.toy.export import world_records
 from mechedit.toy.world import World
@@ -69,6 +69,9 @@ def test_t_interval_contains_mean_shrinks_and_matches_tables():
         prev = hi - lo
     assert interval([1, 0, 1, 1]) == (0.75, *wilson(3, 4))  # 0/1 values: a rate
     assert interval([0.2, 0.9, 2.0], bounds=(0, 1))[2] == 1.0  # a t interval cut to the metric's range
+    # units that all agree still get an interval as wide as the pooled count's Wilson interval
+    mean, lo, hi = rate_over_units([1.0, 1.0, 1.0], [10, 10, 10])
+    assert mean == 1.0 and (lo, hi) == wilson(30, 30) and lo < 1
 
 
 def test_text_scores():

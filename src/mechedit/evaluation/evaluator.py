@@ -54,7 +54,7 @@ import torch
 from mechedit.data import EditRecord
 from mechedit.errors import DataFormatError, InputError
 from mechedit.evaluation.counterfact import SCORE_KEYS, rewrite_scores
-from mechedit.evaluation.stats import clip, interval, mean_ci, t_quantile, wilson
+from mechedit.evaluation.stats import clip, interval, mean_ci, rate_over_units, t_quantile, wilson
 from mechedit.evaluation.text import TfIdf, has_loop, ngram_entropy, target_share, words
 from mechedit.model import LoadedModel
 from mechedit.results import JsonResult
@@ -320,8 +320,10 @@ class EvalResult(JsonResult):
         """metric → (mean, lo, hi), the 95% interval of :mod:`mechedit.evaluation.stats`, edited model (or, with
         ``edited=False``, unedited; locality and KL are then 1 and 0 by definition and left out).
 
-        A record metric is summarised over requests. An edit metric is summarised over edits; with a single
-        edit, over its prompts (Wilson on the pooled count for rates, t from the prompts' spread for KL)."""
+        A record metric is summarised over requests. An edit metric is summarised over edits (for rates: the t
+        interval of the per-edit rates widened to the Wilson interval of the pooled count, see
+        :func:`~mechedit.evaluation.stats.rate_over_units`); with a single edit, over its prompts (Wilson for
+        rates, t from the prompts' spread for KL)."""
         pre = "" if edited else "pre_"
         out: dict[str, tuple[float, float, float]] = {}
         for name, (level, _, bounds) in METRICS.items():
@@ -334,7 +336,9 @@ class EvalResult(JsonResult):
             rows = [e for e in self.edits if e.get(key) is not None and e.get(f"{name}_n", 0) > 0]
             if not rows:
                 continue
-            if len(rows) > 1:
+            if len(rows) > 1 and bounds == RATE:
+                out[name] = rate_over_units([e[key] for e in rows], [e[f"{name}_n"] for e in rows])
+            elif len(rows) > 1:
                 out[name] = clip(mean_ci([e[key] for e in rows]), bounds)
             elif name == "kl":
                 e = rows[0]

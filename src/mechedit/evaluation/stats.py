@@ -68,6 +68,17 @@ def clip(ci: tuple[float, float, float], bounds: tuple[float, float] | None) -> 
     return ci[0], max(lo_b, ci[1]), min(hi_b, ci[2])
 
 
+def rate_over_units(rates: Sequence[float], counts: Sequence[int]) -> tuple[float, float, float]:
+    """(mean, lo, hi) of per-unit rates (e.g. each edit's locality over its ``counts`` prompts): the t interval
+    of the per-unit rates (the units are the independent draws), cut to [0, 1] and widened to contain the
+    Wilson interval of the pooled count, so that units that all agree (every edit kept every sum) still get an
+    interval that reflects how many prompts were asked, never a single point."""
+    mean, lo, hi = clip(mean_ci(list(rates)), (0.0, 1.0))
+    k = sum(round(r * n) for r, n in zip(rates, counts))
+    w_lo, w_hi = wilson(k, sum(counts))
+    return mean, min(lo, w_lo), max(hi, w_hi)
+
+
 def interval(values: Sequence[float], bounds: tuple[float, float] | None = None) -> tuple[float, float, float]:
     """(mean, lo, hi) of ``values`` (Nones dropped): Wilson when every value is 0 or 1, else t (cut to
     ``bounds``, the range the quantity can take, when given)."""
