@@ -27,7 +27,6 @@ from mechedit.tracing import CausalTraceConfig, CausalTraceResult
 from mechedit.viz.export import find_browser
 
 runner = CliRunner()
-SMALL_TRACE = CausalTraceConfig(samples=2, window=3)
 
 
 def invoke(*args: str):
@@ -111,10 +110,10 @@ def test_edit_report_traces_when_no_trace_is_saved(edit_dir, embedded, tmp_path)
 
     d = tmp_path / "copy"
     shutil.copytree(edit_dir / "edit", d / "edit")
-    page = write_edit_report(d, model=embedded, trace_config=SMALL_TRACE, generate=["Once upon a time"])
+    page = write_edit_report(d, model=embedded, trace_samples=2, trace_window=3, generate=["Once upon a time"])
     text = page.read_text()
     assert "traced now (2 noise samples, window 3), saved to causal_trace.json" in text
-    assert CausalTraceResult.load(d / TRACE_FILE).config == SMALL_TRACE
+    assert CausalTraceResult.load(d / TRACE_FILE).config == CausalTraceConfig(samples=2, window=3)
     # no report.json: before/after answers computed from the handle, one row per prompt of the request
     record = EditHandle.load(d / "edit").records()[0]
     n = 1 + len(record.paraphrases) + len(record.neighborhood)

@@ -25,8 +25,9 @@ def report(
                                                           "generations (repeatable).")] = None,
     samples: Annotated[int, typer.Option(help="With --edit: noise samples per cell when the fact has to be "
                                          "traced (ROME: 10).")] = 10,
-    window: Annotated[int, typer.Option(help="With --edit: layers restored together for mlp/attn when the fact "
-                                        "has to be traced (ROME: 10).")] = 10,
+    window: Annotated[Optional[int], typer.Option(help="With --edit: layers restored together for mlp/attn when "
+                                                  "the fact has to be traced (default: a fifth of the layers; "
+                                                  "ROME: 10).")] = None,
 ) -> None:
     """Write an HTML report (opens offline): of one edit, or of a study's results."""
     if (edit is None) == (study is None):
@@ -39,10 +40,8 @@ def report(
         typer.echo(f"wrote {write_study_report(study, out)}")
         return
     from mechedit.report import EditOutput, write_edit_report
-    from mechedit.tracing import CausalTraceConfig
-
     EditOutput.read(edit)  # not an edit output: one clear line before loading a model
-    config = CausalTraceConfig(samples=samples, window=window)
-    page = write_edit_report(edit, out, model=model, generate=generate or [], trace_config=config,
+    page = write_edit_report(edit, out, model=model, generate=generate or [], trace_samples=samples,
+                             trace_window=window,
                              progress=lambda msg: typer.echo(f"{msg} ...", err=True))
     typer.echo(f"wrote {page}")

@@ -89,11 +89,14 @@ class EditOutput:
 # -- gathering what the page shows ---------------------------------------------------------------------------
 
 
-def fact_trace(model, record, directory: Path, config=None, progress: Progress | None = None):
+def fact_trace(model, record, directory: Path, samples: int = 10, window: int | None = None,
+               progress: Progress | None = None):
     """The unedited model's causal trace of ``record`` and where it came from: the saved ``causal_trace.json``
     when it matches (this model's fingerprint, this prompt, subject and old answer), else a new trace, saved
-    there."""
+    there. A new trace uses ``samples`` noise samples and a window of ``window`` layers (default: a fifth of the
+    layers, as ``mechedit trace``)."""
     from mechedit.tracing import CausalTraceConfig, CausalTraceResult, causal_trace
+    from mechedit.tracing.causal import scaled_window
 
     path = directory / TRACE_FILE
     fp = model.fingerprint()
@@ -106,7 +109,8 @@ def fact_trace(model, record, directory: Path, config=None, progress: Progress |
     if progress:
         progress("tracing the fact on the unedited model")
     result = causal_trace(model, record.prompt, record.subject, record.target_true or None,
-                          config=config or CausalTraceConfig())
+                          config=CausalTraceConfig(samples=samples,
+                                                   window=scaled_window(model.n_layers) if window is None else window))
     note = ""
     if not path.exists() or path.is_file():
         result.save(path)
@@ -379,7 +383,8 @@ def _generations_section(page: Page, prompts: list[str], before: list[str], afte
 
 
 def write_edit_report(directory: str | Path, out: str | Path | None = None, *, model=None,
-                      generate: Sequence[str] = (), trace_config=None, progress: Progress | None = None) -> Path:
+                      generate: Sequence[str] = (), trace_samples: int = 10, trace_window: int | None = None,
+                      progress: Progress | None = None) -> Path:
     """Write the HTML report of the edit saved in ``directory`` (the ``--out`` of ``mechedit edit``).
 
     Args:
@@ -389,7 +394,8 @@ def write_edit_report(directory: str | Path, out: str | Path | None = None, *, m
             for :func:`mechedit.load`; default: the handle's own ``model_name``. A different or already edited
             model is refused (fingerprint), with nothing written.
         generate: extra prompts for the free generations.
-        trace_config: a :class:`~mechedit.tracing.CausalTraceConfig` when the fact has to be traced.
+        trace_samples, trace_window: noise samples and restored window when the fact has to be traced (window
+            default: a fifth of the layers, :func:`~mechedit.tracing.causal.scaled_window`).
         progress: called with a short message before each slow step.
     Returns:
         The path of the page written.
@@ -409,7 +415,7 @@ def write_edit_report(directory: str | Path, out: str | Path | None = None, *, m
                             f"{handle.model_fingerprint}); {m.name!r} has fingerprint {m.fingerprint()}: a different "
                             "model, or one already edited")
 
-    trace, trace_source = fact_trace(m, record, edit.directory, trace_config, progress)
+    trace, trace_source = fact_trace(m, record, edit.directory, trace_samples, trace_window, progress)
     deltas = delta_rows(m, handle)
     rows = edit.answers if edit.answers is not None else compute_answers(m, handle, record)
     prompts = generation_prompts(record, generate)
