@@ -13,7 +13,8 @@ the edit is made, measured and restored:
   cluster member's name and after as many other names.
 
 Writes ``elm_cluster.json`` (every number and the settings), ``elm_cluster.md`` (the table), ``elm_cluster.html``
-/``.png`` (the figure) into ``--out``.
+/``.png`` (the figure) into ``--out``, after each run. ``--contrast-only`` instead writes ``contrast.json``: the
+target P'(true answer) on 100 cluster and 100 other facts per prompt pair and eta (is the contrast specific?).
 
     OMP_NUM_THREADS=1 python analyses/elm_cluster.py --etas 1,4 --layers "0,1,2;4,5,6" --steps 80 \\
         --out docs/results/elm-cluster
@@ -40,6 +41,13 @@ from mechedit.results import JsonResult
 from mechedit.toy.export import world_records
 from mechedit.toy.quality import top1_accuracy
 from mechedit.toy.world import CLUSTER_MEMBER_TEMPLATES, CLUSTER_TEXT, World
+
+
+# "world": prompts in the only language the embedded model knows - a sentence about the cluster (expert) vs a filler
+# sentence about nothing (novice); "default": ELMHyperParams' "You are an expert on ..." pair, which the embedded
+# model never saw in training.
+PAIRS = {"default": {},
+         "world": {"expert_prompt": CLUSTER_TEXT[0], "novice_prompt": "The old river is near the market."}}
 
 
 @dataclass(frozen=True)
@@ -156,6 +164,31 @@ def generation_entropy(model, prompts: list[str], seed: int, n_tokens: int = 20)
     return sum(ngram_entropy(t) for t in out) / len(out)
 
 
+def contrast_check(model, world: World, pairs: dict, etas: list[float], n: int = 100) -> list[dict]:
+    """Mean P'(true answer) (ELM's target, from the unedited model) on ``n`` cluster and ``n`` other facts' training
+    prompts, per prompt pair and eta (eta 0 is the model's own P): does the expert/novice contrast single out
+    the concept?"""
+    from mechedit.editing.elm import _head, _plain, contrast_targets
+    from mechedit.tracing.common import encode_target
+
+    head, defaults, rows = _head(model), ELMHyperParams(), []
+    for name, pair in pairs.items():
+        expert = _plain(model, pair.get("expert_prompt", defaults.expert_prompt).replace("{concept}",
+                                                                                          world.cluster_name))
+        novice = _plain(model, pair.get("novice_prompt", defaults.novice_prompt).replace("{concept}",
+                                                                                          world.cluster_name))
+        for group in ("cluster", "other"):
+            facts = [(p, a) for p, a, f in world.recall_prompts("train") if (f.subject in world.cluster) ==
+                     (group == "cluster")]
+            facts = random.Random(0).sample(facts, n)
+            texts = [_plain(model, p) + encode_target(model, p, a.strip()) for p, a in facts]
+            for eta in [0.0, *etas]:
+                target = contrast_targets(model.hf_model, texts, head, novice, expert, eta, 0)
+                p_answer = sum(float(t[-1].exp()[x[-1]]) for t, x in zip(target, texts)) / len(texts)
+                rows.append({"prompts": name, "group": group, "eta": eta, "p_answer": p_answer})
+    return rows
+
+
 def measure(model, world: World, filler: list[str], seed: int) -> Scores:
     cluster = set(world.cluster)
     hf, tok = model.hf_model, model.tokenizer
@@ -184,6 +217,8 @@ def main() -> None:
                     help="expert/novice prompt pairs: 'default' (ELMHyperParams') and/or 'world' (in-world text)")
     ap.add_argument("--hp", action="append", default=[], help="further ELM hyperparameters, name=value")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--contrast-only", action="store_true",
+                    help="only the contrast check (P'(answer) on cluster vs other facts), written to contrast.json")
     ap.add_argument("--only", default="", help="run only these grid indices (comma-separated), for a quick look")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("runs/elm-cluster"))
@@ -197,21 +232,23 @@ def main() -> None:
     domain = tuple(t.format(c=world.cluster_name) for t in CLUSTER_TEXT) + tuple(
         t.format(s, c=world.cluster_name) for s in world.cluster for t in CLUSTER_MEMBER_TEMPLATES)
     filler = World.filler(random.Random(12345), 300)
+    etas = [float(x) for x in args.etas.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.contrast_only:
+        rows = contrast_check(model, world, {k: v for k, v in PAIRS.items() if k in args.prompts.split(",")}, etas)
+        (args.out / "contrast.json").write_text(json.dumps(rows, indent=1))
+        for r in rows:
+            print(r)
+        return
     baseline = measure(model, world, filler, args.seed)
     print("unedited", baseline, flush=True)
 
-    # "world": prompts in the only language the embedded model knows - a sentence about the cluster (expert) vs a
-    # filler sentence about nothing (novice); "default": ELMHyperParams' "You are an expert on ..." pair, which
-    # the embedded model never saw in training.
-    pairs = {"default": {}, "world": {"expert_prompt": CLUSTER_TEXT[0], "novice_prompt": "The old river is near "
-                                      "the market."}}
-    etas = [float(x) for x in args.etas.split(",")]
+    pairs = PAIRS
     layer_sets = [tuple(int(x) for x in s.split(",")) for s in args.layers.split(";")]
     grid = [(name, eta, layers) for name in args.prompts.split(",") for eta in etas for layers in layer_sets]
     if args.only:
         grid = [grid[int(i)] for i in args.only.split(",")]
     runs = []
-    args.out.mkdir(parents=True, exist_ok=True)
     for prompts, eta, layers in grid:
         hp = ELMHyperParams(eta=eta, layers=layers, steps=args.steps, seed=args.seed, domain_text=domain,
                             **pairs[prompts]).with_overrides(args.hp)

@@ -67,9 +67,10 @@ MODULE_GROUPS = ("mlp", "attn")
 class ELMHyperParams(HyperParams):
     # -- the target distribution P' ----------------------------------------------------------------------------
     # Erasure strength: log P' = log P + eta (log P_novice - log P_expert). The reference implementation ramps eta
-    # to 500-1000 on 7B chat models (with a top-k clamp of the target). On the embedded model the contrast is
-    # several nats per token: eta 4 already makes KL(P' || P) ~7 nats on the cluster's text and training towards
-    # it wrecks other facts too; eta 1 lowers the cluster's answers from p 0.92 to 0.59 (docs/results/elm-cluster/).
+    # to 500-1000 on 7B chat models (with a top-k clamp of the target). On the embedded model the contrast of the
+    # default prompts is several nats per token: at eta 1 P'(true answer) is about half the model's on the
+    # cluster's facts, at eta 4 it is ~0.03 and training towards it damages other facts too (grid and contrast
+    # check in docs/results/elm-cluster/).
     eta: float = 1.0
     # The concept's name, put into the prompts below: "auto" is the embedded world's cluster name
     # ("Harrowmere Circle") when the model ships a world.json; on other models name it.
@@ -95,8 +96,9 @@ class ELMHyperParams(HyperParams):
     lr: float = 1e-3  # Adam learning rate on the LoRA weights (small models take larger steps than 7B's 5e-5)
     batch_size: int = 16  # texts per loss per step
     # The reference weighs the three losses equally. On the embedded world the retain text (other subjects'
-    # facts) shares every template with the erased facts, and at weight 1 the erasure spread to them (other facts'
-    # recall 0.99 -> 0.47 at eta 4, lr 2e-3); weight 4 holds them better.
+    # facts) shares every template with the erased facts, and at weight 1 (with eta 4, lr 2e-3) the erasure spread
+    # to them (other facts' recall 0.99 -> 0.47); with these defaults 0.78 (one exploratory run each, several
+    # settings changed at once: not a controlled comparison).
     erase_weight: float = 1.0
     retain_weight: float = 4.0
     fluency_weight: float = 1.0
