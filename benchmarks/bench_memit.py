@@ -42,8 +42,10 @@ def main() -> None:
     stages: dict[str, float] = {}
     mark = [time.perf_counter()]
 
-    def progress(stage, done, total):
+    def progress(stage, done, total):  # time since the last call goes to the stage now reporting
         now = time.perf_counter()
+        if stage == "value" and done == 0:
+            stage = "prepare"  # context templates, tokenizing, residuals before the value optimisation starts
         stages[stage] = stages.get(stage, 0.0) + now - mark[0]
         mark[0] = now
 

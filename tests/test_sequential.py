@@ -17,7 +17,12 @@ from mechedit.editing.memit import MEMITHyperParams
 from mechedit.editing.methods import edit, make_hparams
 from mechedit.editing.rome.layer_stats import layer_stats
 from mechedit.editing.rome.repr_tools import mlp_keys, pad_right
-from mechedit.editing.sequential import SequentialHyperParams, alphaedit, null_space, sequential_rome
+from mechedit.editing.sequential import (
+    SequentialHyperParams,
+    alphaedit,
+    null_space,
+    sequential_rome,
+)
 from mechedit.errors import DataFormatError, InputError, MecheditError
 from mechedit.model import canonical_param_name
 from mechedit.toy.export import embedded_world, world_records

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -43,11 +43,22 @@ from mechedit.editing.hparams import HyperParams
 from mechedit.editing.memit.compute_ks import prepare, read_resid
 from mechedit.editing.memit.compute_zs import compute_zs
 from mechedit.editing.memit.hparams import MEMITHyperParams
-from mechedit.editing.memit.memit_main import (Snapshot, check_requests, choose_layers, layer_statistics, spread,
-                                               value_evidence)
+from mechedit.editing.memit.memit_main import (
+    Snapshot,
+    check_requests,
+    choose_layers,
+    layer_statistics,
+    spread,
+    value_evidence,
+)
 from mechedit.editing.rome.hparams import ROMEHyperParams
 from mechedit.editing.rome.layer_stats import LayerStats, describe, layer_stats
-from mechedit.editing.rome.rome_main import _check_request, choose_layer, context_templates, rome
+from mechedit.editing.rome.rome_main import (
+    _check_request,
+    choose_layer,
+    context_templates,
+    rome,
+)
 from mechedit.editing.training import unbridged_copy
 from mechedit.errors import DataFormatError, InputError, MecheditError
 from mechedit.model import LoadedModel

@@ -14,6 +14,7 @@ once: the prompts of ``batch_requests`` requests share each forward, and one Ada
 with the gradient of Σ_i L_i - which is each request's own gradient, since ``δ_i`` enters only its own rows.
 Adam is element-wise, so this *is* n independent optimisations, done ``batch_requests`` at a time. A request
 whose loss drops below ``v_loss_stop`` stops moving and leaves the batch (ROME's early stop, per request).
+Requests about the same subject share one ``δ`` (see :func:`compute_zs`).
 
 What makes thousands of requests affordable on a CPU, without changing the result:
 
@@ -182,7 +183,7 @@ def _optimise_chunk(model: LoadedModel, hf: torch.nn.Module, prep: Prepared, gro
         kwargs = {}
         if past is not None:
             kwargs["past_key_values"] = DynamicCache([(k[rows], v[rows]) for k, v in past])
-        with _add_first(mlp_out, lambda: delta[member_group[row_req[rows]]]):
+        with _add_first(mlp_out, lambda r=rows: delta[member_group[row_req[r]]]):
             hidden = root(input_ids=x_suf[rows], attention_mask=mask[rows], position_ids=pos_suf[rows],
                           use_cache=past is not None, **kwargs).last_hidden_state  # (B', S, d_model)
         keep_t = member_active[row_req[t_row]]

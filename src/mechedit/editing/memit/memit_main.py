@@ -54,7 +54,10 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total): "trace", "st
 Solver = Callable[[int, int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def memit(model: LoadedModel, requests: Sequence[EditRecord], hparams: MEMITHyperParams = MEMITHyperParams(),
+DEFAULTS = MEMITHyperParams()
+
+
+def memit(model: LoadedModel, requests: Sequence[EditRecord], hparams: MEMITHyperParams = DEFAULTS,
           progress: Progress | None = None, *, stats: dict[int, LayerStats] | None = None) -> EditHandle:
     """Edit ``model`` in place so that every request's prompt continues with its ``target_new``.
 
