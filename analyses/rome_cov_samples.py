@@ -216,15 +216,16 @@ def write_figure(out: Path, results: list[dict]) -> None:
                                  line={"color": colour}, text=labels), row=1, col=1)
     fig.add_trace(go.Scatter(x=xs, y=[r["flipped"] for r in results], mode="lines+markers",
                              name="other facts flipped", line={"color": "#9467bd"}, text=labels), row=1, col=1)
-    fig.add_trace(go.Bar(x=xs, y=[r["stats_seconds"] or 0 for r in results], name="statistics (s)",
-                         marker_color="#bbbbbb", text=labels), row=1, col=2, secondary_y=False)
+    fig.add_trace(go.Scatter(x=xs, y=[r.get("stats_cpu_seconds") or 0 for r in results], mode="lines+markers",
+                             name="statistics (CPU s)", line={"color": "#555555", "dash": "dash"}, text=labels),
+                  row=1, col=2, secondary_y=False)
     fig.add_trace(go.Scatter(x=xs, y=[r["drift"] for r in results], mode="lines+markers", name="drift |Δ log p|",
                              line={"color": "#ff7f0e"}, text=labels), row=1, col=2, secondary_y=True)
     for c in (1, 2):
         fig.update_xaxes(type="log", title_text="covariance samples (texts)", tickvals=xs, ticktext=labels,
                          row=1, col=c)
     fig.update_yaxes(title_text="mean success / share", range=[0, 1.05], row=1, col=1)
-    fig.update_yaxes(title_text="seconds", row=1, col=2, secondary_y=False)
+    fig.update_yaxes(title_text="CPU seconds to compute C (1 thread)", row=1, col=2, secondary_y=False)
     fig.update_yaxes(title_text="mean |Δ log p(true)|", row=1, col=2, secondary_y=True)
     fig.update_layout(title="ROME on the embedded model vs number of covariance samples", width=1000, height=420)
     fig.write_html(out / "figure.html", include_plotlyjs="cdn")
