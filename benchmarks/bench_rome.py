@@ -16,7 +16,7 @@ relative difference of the rank-one updates and of the target probability the op
 
     python benchmarks/bench_rome.py                          # the embedded model, 6 world records, layer 1
     python benchmarks/bench_rome.py --records 10 --layer 4
-    python benchmarks/bench_rome.py --model smollm2-135m --records 3 --layer 3      # CounterFact records
+    python benchmarks/bench_rome.py --model smollm2-135m --records 2 --layer 8 --stats-samples 1000 --stats-tokens 64
     python benchmarks/bench_rome.py --json out.json
 
 Threads default to 1 (``--threads``): the figures are per core.
@@ -83,6 +83,8 @@ def main() -> None:
     ap.add_argument("--layer", default="1", help="edit layer, or 'auto' (adds a causal trace to every edit)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0, help="which records")
+    ap.add_argument("--stats-samples", type=int, default=None, help="mom2_n_samples (default: ROME's hparams)")
+    ap.add_argument("--stats-tokens", type=int, default=None, help="mom2_max_tokens (default: ROME's hparams)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -95,7 +97,9 @@ def main() -> None:
 
     m = mechedit.load(args.model)
     layer = args.layer if args.layer == "auto" else int(args.layer)
-    hp = ROMEHyperParams(layer=layer)
+    stats_hp = {k: v for k, v in (("mom2_n_samples", args.stats_samples), ("mom2_max_tokens", args.stats_tokens))
+                if v is not None}
+    hp = ROMEHyperParams(layer=layer, **stats_hp)
     recs = records_for(m, args.records, args.seed)
     print(f"model:   {m.name} ({m.architecture}, {m.n_layers} layers, d_model {m.d_model}, d_mlp {m.d_mlp}, "
           f"vocabulary {m.d_vocab}); layer {layer}; torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
