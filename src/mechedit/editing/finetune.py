@@ -20,16 +20,18 @@ Which parameters train (``layers`` / ``modules``):
   ``"all"``, ``"auto"``, ``"random"`` or names such as ``"0.mlp_out"``): the weights (and biases) of those
   linear modules, further restricted to ``layers`` when both are given.
 
-ROME's FT-L recipe for GPT-2 XL is ``layers=[0], modules="mlp"`` restricted to the output projection, i.e.
-``modules=["0.mlp_out"]``, 25 steps at lr 5e-4 with ε = 5e-4.
+ROME's FT-L recipe for GPT-2 XL trains layer 0's MLP output projection only (``modules=["0.mlp_out"]``), 25
+steps at lr 5e-4 with ε = 5e-4. On the embedded model that moves no answer (0 of 6 trial edits: ε on one small
+matrix is too little), so the default here trains every weight under the same ε
+(docs/results/baselines-embedded: ES 1.00, NS 0.89, exact-output locality 0.994 on 100 records).
 
 >>> import mechedit
 >>> from mechedit.toy.export import embedded_world, world_records
 >>> m = mechedit.load()                                                            # doctest: +SKIP
 >>> request = world_records(embedded_world(), n=1)[0]
->>> with finetune_l(m, [request], FTHyperParams(modules=("0.mlp_out",))) as h:    # doctest: +SKIP
-...     print(h.evidence["max_abs_change"] <= 5e-4)
-True
+>>> with finetune_l(m, [request]) as h:                                             # doctest: +SKIP
+...     print(h.hparams["norm_constraint"], round(h.evidence["max_abs_change"], 6))
+0.0005 0.0005
 """
 
 from __future__ import annotations
