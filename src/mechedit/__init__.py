@@ -27,6 +27,8 @@ _EXPORTS = {
     "causal_trace": "mechedit.tracing",
     "answers": "mechedit.answering",
     "evaluate": "mechedit.evaluation",
+    "edit": "mechedit.editing",
+    "layer_sweep": "mechedit.editing",
 }
 
 __all__ = sorted(_EXPORTS)

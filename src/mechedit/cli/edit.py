@@ -47,6 +47,18 @@ def build_request(model, prompt, subject, target_new, target_true, paraphrases, 
                       target_true=target_true, paraphrases=tuple(paraphrases), neighborhood=tuple(pairs))
 
 
+def where_edited(handle) -> str:
+    """One phrase for what an edit changed: its layer(s), its trained modules, or its context."""
+    ev = handle.evidence
+    if handle.context and not handle.deltas:
+        return "in context, no weight changed"
+    for key, word in (("layer", "layer"), ("layers", "layers")):
+        if ev.get(key) is not None:
+            return f"{word} {ev[key]}"
+    names = sorted({n.rsplit(".", 1)[0] for n in handle.deltas})
+    return f"{len(names)} module(s): {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
+
+
 def method_hparams(method: str, overrides: list[str], layer: str | None, modules: str | None):
     """The method's hyperparameters from ``--hp name=value`` items plus the ``--layer`` / ``--modules``
     shortcuts (mapped onto the method's ``layer``/``layers`` and ``modules`` fields)."""
@@ -122,8 +134,7 @@ def edit(
     before = answers(m, prompts, targets)
     handle = run_edit(m, [request], method, hparams)
     after = answers(m, [handle.prompt(p) for p in prompts], targets)
-    typer.echo(f"edited layer {handle.evidence.get('layer')} ({method}): {request.prompt!r} -> "
-               f"{request.target_new!r}")
+    typer.echo(f"{method} edit ({where_edited(handle)}): {request.prompt!r} -> {request.target_new!r}")
     kinds = ["edit"] + ["paraphrase"] * len(request.paraphrases) + ["neighbour"] * len(request.neighborhood)
     rows = []
     for kind, b, a in zip(kinds, before, after):
