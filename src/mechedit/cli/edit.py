@@ -134,7 +134,9 @@ def edit(
     before = answers(m, prompts, targets)
     handle = run_edit(m, [request], method, hparams)
     after = answers(m, [handle.prompt(p) for p in prompts], targets)
-    typer.echo(f"{method} edit ({where_edited(handle)}): {request.prompt!r} -> {request.target_new!r}")
+    goal = (f"erase what the model knows in {request.prompt!r} ({request.target_true or 'its answer'})"
+            if method == "elm" else f"{request.prompt!r} -> {request.target_new!r}")
+    typer.echo(f"{method} edit ({where_edited(handle)}): {goal}")
     kinds = ["edit"] + ["paraphrase"] * len(request.paraphrases) + ["neighbour"] * len(request.neighborhood)
     rows = []
     for kind, b, a in zip(kinds, before, after):
