@@ -204,3 +204,19 @@ def test_erasing_the_cluster_lowers_its_facts_more_than_other_facts(embedded):
     assert drop["cluster"] > 0.15, (before, after)
     assert drop["cluster"] > drop["other"] + 0.1, (before, after)
     assert probs() == before  # restored
+
+
+def test_gpt2_conv1d_and_fused_attention_change_only_the_chosen_weights_and_act_through_the_bridge(models):
+    m = models("gpt2")
+    before = _state(m)
+    ids = torch.tensor([m.encode("Nomvou Datar was born in")])
+    with torch.no_grad():
+        logits_before = m.bridge(ids)
+    hp = {**TINY, "modules": ("mlp_out", "attn_qkv")}
+    with edit(m, _requests(), "elm", hp) as handle:
+        assert set(handle.deltas) == {"transformer.h.1.mlp.c_proj.weight", "transformer.h.1.attn.c_attn.weight"}
+        after = _state(m)
+        assert {k for k in before if not torch.equal(before[k], after[k])} == set(handle.deltas)
+        with torch.no_grad():
+            assert not torch.allclose(m.bridge(ids), logits_before)  # the fused c_attn change reaches the bridge
+    assert all(torch.equal(v, before[k]) for k, v in _state(m).items())

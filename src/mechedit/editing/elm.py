@@ -451,7 +451,7 @@ def elm(model: LoadedModel, requests: Sequence[EditRecord], hparams: ELMHyperPar
                 progress("fluency samples", len(cont), len(cont))
 
         config = LoraConfig(r=hparams.rank, lora_alpha=hparams.alpha, target_modules=names, lora_dropout=0.0,
-                            bias="none", task_type="CAUSAL_LM")
+                            bias="none", task_type="CAUSAL_LM", fan_in_fan_out=model.conv1d)
         peft_model = get_peft_model(hf, config)
         peft_model.eval()
         parts = {"erase": [], "retain": [], "fluency": []}
