@@ -34,3 +34,34 @@ def test_every_method_edits_from_the_cli(method, tmp_path):
     assert (fresh.fingerprint() != fp) == bool(handle.deltas)  # weights change unless in-context
     handle.restore()
     assert fresh.fingerprint() == fp
+
+
+# Small settings so each method runs in about a second on a tiny random model (no world file there: ELM gets its
+# concept text, ROME-family methods a few hundred statistics texts).
+TINY_HP = {
+    "rome": ["mom2_n_samples=200", "prefix_lengths=[[5,2]]", "layer=1"],
+    "memit": ["mom2_n_samples=200", "prefix_lengths=[[5,2]]", "layers=[1]"],
+    "seq-rome": ["rome.mom2_n_samples=200", "rome.prefix_lengths=[[5,2]]", "rome.layer=1"],
+    "alphaedit": ["memit.mom2_n_samples=200", "memit.prefix_lengths=[[5,2]]", "memit.layers=[1]"],
+    "ia3": ["modules=[\"1.mlp_out\"]", "steps=3"],
+    "ia3-unlearn-learn": ["modules=[\"1.mlp_out\"]", "steps=3", "unlearn_steps=2"],
+    "ft": ["steps=3"], "ft-l": ["steps=3"], "lora": ["steps=3"],
+    "reg-lora": ["steps=3", "retention=[\"The market is near the => hill\"]"], "icl": [],
+    "elm": ["concept=the old river", "layers=[1]", "steps=2", "retain_source=none",
+            "retain_text=[\"The market is near the hill.\"]"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_runs_from_the_cli_on_tiny_configs(method, arch, tiny_dir, tmp_path):
+    assert set(TINY_HP) == set(METHODS)
+    args = ["edit", "--model", str(tiny_dir(arch)), "--method", method, "--prompt", "Nomvou Datar was born in",
+            "--subject", "Nomvou Datar", "--target-new", "Paris", "--target-true", "Oslo", "--no-evaluate",
+            "--out", str(tmp_path / "out")]
+    for hp in TINY_HP[method]:
+        args += ["--hp", hp]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert EditHandle.load(tmp_path / "out" / "edit").method == method

@@ -34,6 +34,9 @@ def iter_sampled_texts(model: LoadedModel, n: int, length: int, *, top_k: int = 
     """
     if n < 0 or length < 1:
         raise InputError(f"cannot sample {n} texts of {length} tokens")
+    if length + 1 > model.n_ctx:
+        raise InputError(f"cannot sample {length} tokens after the start token: the model's context is "
+                         f"{model.n_ctx} tokens")
     start = start_token(model)
     tok = model.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else start

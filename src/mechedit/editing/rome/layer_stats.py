@@ -122,7 +122,9 @@ def text_source(model: LoadedModel, source: str | Path | Sequence[str] = "auto",
     if spec == "model":
         from mechedit.editing.generate import iter_sampled_texts
 
-        length = max(1, max_tokens - 1)  # BOS + sampled tokens fill max_tokens
+        # BOS + sampled tokens fill max_tokens, and never more than the model's context (GPT-2's learned positions
+        # end there).
+        length = max(1, min(max_tokens, model.n_ctx) - 1)
         return TextSource(f"model-len{length}-top{top_k}-seed{seed}",
                           f"text sampled from the model (top-{top_k}, {length} tokens, seed {seed})", None,
                           lambda n: (t for t in iter_sampled_texts(model, n, length, top_k=top_k, seed=seed)
@@ -203,7 +205,7 @@ def stream_keys(model: LoadedModel, layer: int, texts: Iterable[str], *, max_tok
         progress(0, total or 0)
     it = iter(texts)
     while group := list(islice(it, 256)):
-        for ids in tok(group, truncation=True, max_length=max_tokens)["input_ids"]:
+        for ids in tok(group, truncation=True, max_length=min(max_tokens, model.n_ctx))["input_ids"]:
             if not ids:
                 continue
             width = max([len(ids), *map(len, batch)])
