@@ -142,3 +142,31 @@ def exploding_mlp(m, after: int = 0):
         yield
     finally:
         handle.remove()
+
+
+@pytest.fixture(scope="module")
+def stats_cache(tmp_path_factory):
+    """Key statistics go to a temporary cache, never to the user's (module-wide: ``pytestmark =
+    pytest.mark.usefixtures("stats_cache")``)."""
+    old = os.environ.get("MECHEDIT_CACHE")
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["MECHEDIT_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("MECHEDIT_CACHE", None)
+    else:
+        os.environ["MECHEDIT_CACHE"] = old
+
+
+def snapshot(m) -> dict[str, torch.Tensor]:
+    """A copy of every parameter under its HF name (bridge wrappers left out of the names)."""
+    from mechedit.model import canonical_param_name
+
+    return {canonical_param_name(n): p.detach().clone() for n, p in m.hf_model.named_parameters()}
+
+
+def same_weights(m, snap) -> bool:
+    """Every parameter of ``m`` bit-identical to ``snap`` (from :func:`snapshot`)."""
+    from mechedit.model import canonical_param_name
+
+    return all(torch.equal(snap[canonical_param_name(n)], p) for n, p in m.hf_model.named_parameters())

@@ -3,7 +3,6 @@ trace of the same fact. Key statistics are computed from 500 world texts into a 
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -22,15 +21,7 @@ HP = ROMEHyperParams(mom2_n_samples=500)
 LAYERS = [0, 2, 5]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def stats_cache(tmp_path_factory):
-    old = os.environ.get("MECHEDIT_CACHE")
-    os.environ["MECHEDIT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        os.environ.pop("MECHEDIT_CACHE", None)
-    else:
-        os.environ["MECHEDIT_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("stats_cache")  # key statistics in a temporary cache
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,11 @@ for the edits to take; on tiny random models only the mechanics are checked (lay
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
+from conftest import same_weights, snapshot
 import mechedit
 from mechedit.data import EditRecord
 from mechedit.editing import EditHandle, layer_stats
@@ -28,28 +28,13 @@ FAST = MEMITHyperParams(layers=(0, 1, 2), context_prefixes=("The weather was mil
                         mom2_source="world", mom2_n_samples=300, mom2_max_tokens=64, mom2_update_weight=100.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def stats_cache(tmp_path_factory):
-    old = os.environ.get("MECHEDIT_CACHE")
-    os.environ["MECHEDIT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        os.environ.pop("MECHEDIT_CACHE", None)
-    else:
-        os.environ["MECHEDIT_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("stats_cache")  # key statistics in a temporary cache
 
 
 @pytest.fixture(scope="module")
 def records():
     return world_records(embedded_world(), n=4, seed=3)
 
-
-def snapshot(m) -> dict[str, torch.Tensor]:
-    return {canonical_param_name(n): p.detach().clone() for n, p in m.hf_model.named_parameters()}
-
-
-def same(m, snap) -> bool:
-    return all(torch.equal(snap[canonical_param_name(n)], p) for n, p in m.hf_model.named_parameters())
 
 
 def test_edit_makes_the_records_true_changes_only_those_layers_and_restores_bit_exactly(embedded, records):
@@ -62,7 +47,7 @@ def test_edit_makes_the_records_true_changes_only_those_layers_and_restores_bit_
             name = canonical_param_name(name)
             assert torch.equal(p, before[name]) != (name in h.deltas), name
         assert [rewrite_scores(embedded, r)["efficacy_success"] for r in records] == [1.0] * len(records)
-    assert same(embedded, before)
+    assert same_weights(embedded, before)
 
 
 def test_saved_handle_reapplied_to_a_fresh_copy_gives_identical_weights(embedded, records, tmp_path):
@@ -82,7 +67,7 @@ def test_the_method_table_dispatches_memit(embedded, records):
     with edit(embedded, records[:2], "memit", hp) as h:
         assert set(h.deltas) == {f"model.layers.{layer}.mlp.down_proj.weight" for layer in (1, 2)}
         assert MEMITHyperParams.from_dict(h.hparams) == hp
-    assert same(embedded, before)
+    assert same_weights(embedded, before)
 
 
 def test_prefix_cached_value_forward_matches_a_plain_forward(embedded, records):
@@ -122,7 +107,7 @@ def test_tiny_models_edit_only_the_given_layers_in_their_layout(sharp, arch):
         for name, d in h.deltas.items():
             assert d.shape == before[name].shape and d.abs().sum() > 0
         assert h.evidence["residual_left_fraction_mean"] < 1.0
-    assert same(m, before)
+    assert same_weights(m, before)
 
 
 @pytest.mark.parametrize("requests, hp, message", [
@@ -137,7 +122,7 @@ def test_bad_inputs_fail_clearly_with_nothing_changed(embedded, requests, hp, me
     before = snapshot(embedded)
     with pytest.raises(InputError, match=message):
         memit(embedded, requests, hp)
-    assert same(embedded, before)
+    assert same_weights(embedded, before)
 
 
 def test_degenerate_updates_are_refused_before_any_weight_changes(embedded, records):
@@ -145,7 +130,7 @@ def test_degenerate_updates_are_refused_before_any_weight_changes(embedded, reco
     with pytest.raises(MecheditError, match="exploding"):
         memit(embedded, records[:2], MEMITHyperParams(**{**FAST.to_dict(), "max_update_ratio": 1e-9,
                                                            "layers": (0, 1, 2)}))
-    assert same(embedded, before)
+    assert same_weights(embedded, before)
 
 
 def test_hparams_validate_and_round_trip():

@@ -18,12 +18,11 @@ Statistics are computed from 100 model-sampled texts of 32 tokens, in a temporar
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import pytest
 import torch
-from conftest import load_sharp
+from conftest import load_sharp, same_weights, snapshot
 
 import mechedit
 from mechedit.data import EditRecord
@@ -37,7 +36,6 @@ from mechedit.editing import (
 from mechedit.editing.rome import layer_stats as stats_module
 from mechedit.editing.rome.layer_stats import key_fingerprint, text_source
 from mechedit.errors import DataFormatError, InputError, MecheditError
-from mechedit.model import canonical_param_name
 from mechedit.tracing import live_hooks
 
 SUBJECT = "Voupeis Draexmir"
@@ -46,25 +44,8 @@ FAST = ROMEHyperParams(layer=1, v_weight_decay=0.0, clamp_norm_factor=10.0, max_
                        mom2_source="model", mom2_n_samples=100, mom2_max_tokens=32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def stats_cache(tmp_path_factory):
-    """Key statistics go to a temporary cache, never to the user's."""
-    old = os.environ.get("MECHEDIT_CACHE")
-    path = tmp_path_factory.mktemp("cache")
-    os.environ["MECHEDIT_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("MECHEDIT_CACHE", None)
-    else:
-        os.environ["MECHEDIT_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("stats_cache")  # key statistics in a temporary cache
 
-
-def snapshot(m) -> dict[str, torch.Tensor]:
-    return {canonical_param_name(n): p.detach().clone() for n, p in m.hf_model.named_parameters()}
-
-
-def same_weights(m, snap) -> bool:
-    return all(torch.equal(snap[canonical_param_name(n)], p) for n, p in m.hf_model.named_parameters())
 
 
 def next_token_logits(m, prompt: str) -> torch.Tensor:

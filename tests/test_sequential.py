@@ -6,11 +6,11 @@ mechanics and invariants, not the quality (analyses/sequential_edits.py measures
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
+from conftest import same_weights, snapshot
 import mechedit
 from mechedit.editing import EditHandle, ROMEHyperParams
 from mechedit.editing.memit import MEMITHyperParams
@@ -24,7 +24,6 @@ from mechedit.editing.sequential import (
     sequential_rome,
 )
 from mechedit.errors import DataFormatError, InputError, MecheditError
-from mechedit.model import canonical_param_name
 from mechedit.toy.export import embedded_world, world_records
 
 ROME = ROMEHyperParams(layer=1, context_prefixes=("The weather was mild.",), v_num_grad_steps=8,
@@ -34,28 +33,13 @@ MEMIT = MEMITHyperParams(layers=(1, 2), context_prefixes=("The weather was mild.
 HP = SequentialHyperParams(rome=ROME, memit=MEMIT)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def stats_cache(tmp_path_factory):
-    old = os.environ.get("MECHEDIT_CACHE")
-    os.environ["MECHEDIT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        os.environ.pop("MECHEDIT_CACHE", None)
-    else:
-        os.environ["MECHEDIT_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("stats_cache")  # key statistics in a temporary cache
 
 
 @pytest.fixture(scope="module")
 def records():
     return world_records(embedded_world(), n=3, seed=5)
 
-
-def snapshot(m) -> dict[str, torch.Tensor]:
-    return {canonical_param_name(n): p.detach().clone() for n, p in m.hf_model.named_parameters()}
-
-
-def same(m, snap) -> bool:
-    return all(torch.equal(snap[canonical_param_name(n)], p) for n, p in m.hf_model.named_parameters())
 
 
 def test_sequential_rome_total_delta_restores_bit_exactly_and_reapplies_identically(embedded, records, tmp_path):
@@ -67,7 +51,7 @@ def test_sequential_rome_total_delta_restores_bit_exactly_and_reapplies_identica
         assert [x for x in seen if x[0] == "edit"] == [("edit", k, 3) for k in (1, 2, 3)]
         edited = {n: p.detach().clone() for n, p in embedded.hf_model.named_parameters()}
         h.save(tmp_path / "seq")
-    assert same(embedded, before)
+    assert same_weights(embedded, before)
     fresh = mechedit.load()
     with EditHandle.load(tmp_path / "seq").apply(fresh):
         assert all(torch.equal(p, edited[n]) for n, p in fresh.hf_model.named_parameters())
@@ -78,7 +62,7 @@ def test_a_failing_step_leaves_the_model_as_it_was(embedded, records):
     bad = SequentialHyperParams(rome=ROMEHyperParams(**{**ROME.to_dict(), "max_update_ratio": 1e-9}))
     with pytest.raises(MecheditError, match="exploding"):
         sequential_rome(embedded, records, bad)
-    assert same(embedded, before)
+    assert same_weights(embedded, before)
 
 
 def test_null_space_projector_annihilates_the_preserved_keys(embedded):
@@ -107,7 +91,7 @@ def test_alphaedit_updates_lie_in_the_null_space_and_restore_bit_exactly(embedde
         for layer in (1, 2):
             d_io = h.deltas[f"model.layers.{layer}.mlp.down_proj.weight"].double().T  # (d_mlp, d_model)
             assert (P[layer] @ d_io - d_io).norm() <= 1e-5 * d_io.norm()
-    assert same(embedded, before)
+    assert same_weights(embedded, before)
 
 
 def test_alphaedit_through_the_method_table_in_batches(embedded, records):
@@ -116,7 +100,7 @@ def test_alphaedit_through_the_method_table_in_batches(embedded, records):
     with edit(embedded, records, "alphaedit", hp) as h:
         assert [s["case_ids"] for s in h.evidence["steps"]] == [[r.case_id for r in records[:2]],
                                                                 [records[2].case_id]]
-    assert same(embedded, before)
+    assert same_weights(embedded, before)
 
 
 def test_bad_inputs_fail_clearly_with_nothing_changed(embedded, records):
@@ -130,7 +114,7 @@ def test_bad_inputs_fail_clearly_with_nothing_changed(embedded, records):
     with pytest.raises(InputError, match="statistics"):
         alphaedit(embedded, records, SequentialHyperParams(memit=MEMITHyperParams(layers=(1,),
                                                                                   mom2_adjustment=False)))
-    assert same(embedded, before)
+    assert same_weights(embedded, before)
 
 
 def test_hparams_round_trip_the_nesting_and_take_dotted_overrides():
