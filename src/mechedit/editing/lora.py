@@ -64,6 +64,7 @@ from mechedit.editing.finetune import (
 from mechedit.editing.handle import EditHandle
 from mechedit.editing.hparams import HyperParams
 from mechedit.editing.training import (
+    AnswerBatch,
     Progress,
     adam_loop,
     answer_batch,
@@ -187,11 +188,11 @@ def reg_lora(model: LoadedModel, requests: EditRecord | Sequence[EditRecord],
         raise InputError(f"hparams must be a RegLoRAHyperParams, got {type(hparams).__name__}")
     reqs = check_requests(model, requests)
     pairs, source = retention_data(model, reqs, hparams)
-    kl_batch = _retention_batch(model, pairs)
+    kl_batch = answer_batch(model, [p for p, _ in pairs], [a for _, a in pairs])  # None: prompt alone
 
     def extra(hf: torch.nn.Module, frozen_logprobs: torch.Tensor) -> torch.Tensor:
         # one forward over the retention rows gives both terms
-        _, mask, labels = kl_batch
+        mask, labels = kl_batch.attention_mask, kl_batch.labels
         lp = _logprobs(hf, kl_batch)  # (B, T, V)
         kl = (frozen_logprobs.exp() * (frozen_logprobs - lp)).sum(-1)  # (B, T)
         m = mask.to(kl.dtype)
@@ -210,7 +211,7 @@ def reg_lora(model: LoadedModel, requests: EditRecord | Sequence[EditRecord],
 
 
 def _train_lora(model: LoadedModel, reqs: list[EditRecord], hp, progress: Progress | None, method: str,
-                extra: Callable | None = None, kl_batch: tuple | None = None,
+                extra: Callable | None = None, kl_batch: AnswerBatch | None = None,
                 extra_evidence: dict | None = None) -> EditHandle:
     from peft import LoraConfig, get_peft_model
 
@@ -320,32 +321,6 @@ def _world_retention(world, requests: Sequence[EditRecord], hp: RegLoRAHyperPara
     return rows
 
 
-def _retention_batch(model: LoadedModel, pairs: Sequence[tuple[str, str | None]]):
-    """Right-padded (prompt + answer) ids, the mask of real tokens and labels (-100 except answer tokens; rows
-    without an answer are the prompt alone): (B, T) each."""
-    from mechedit.tracing.common import encode_target
-
-    rows, label_rows = [], []
-    for prompt, answer in pairs:
-        ids = model.encode(prompt)
-        target = encode_target(model, prompt, answer) if answer is not None else []
-        if len(ids) + len(target) > model.n_ctx:
-            raise InputError(f"retention prompt and answer exceed the model's context: {prompt!r}")
-        rows.append(ids + target)
-        label_rows.append([-100] * len(ids) + target)
-    width = max(len(r) for r in rows)
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, (r, lab) in enumerate(zip(rows, label_rows)):
-        ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
-        labels[i, :len(r)] = torch.tensor(lab)
-    dev = model.device
-    return ids.to(dev), mask.to(dev), labels.to(dev)
-
-
-def _logprobs(hf: torch.nn.Module, kl_batch) -> torch.Tensor:
-    ids, mask = kl_batch[0], kl_batch[1]
-    return torch.log_softmax(hf(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)  # (B, T, V)
+def _logprobs(hf: torch.nn.Module, batch: AnswerBatch) -> torch.Tensor:
+    logits = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)

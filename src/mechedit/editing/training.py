@@ -63,18 +63,17 @@ class AnswerBatch:
     answers: tuple[str, ...]
 
 
-def answer_batch(model: LoadedModel, prompts: Sequence[str], answers: Sequence[str],
-                 contexts: Sequence[str] | None = None) -> AnswerBatch:
+def answer_batch(model: LoadedModel, prompts: Sequence[str], answers: Sequence[str | None]) -> AnswerBatch:
     """Encode each prompt (BOS as the model's tokenizer adds it) followed by its answer (leading space by the
     same rule as the tracers: ``"Paris"`` after ``"born in"`` is ``" Paris"``, ``"5"`` after ``"2+2="`` is
-    ``"5"``)."""
+    ``"5"``). An answer of None leaves the row as the prompt alone, with no answer tokens to score."""
     if len(prompts) != len(answers) or not prompts:
         raise InputError(f"need one answer per prompt and at least one pair (got {len(prompts)} prompts, "
                          f"{len(answers)} answers)")
     rows, label_rows = [], []
     for prompt, answer in zip(prompts, answers):
         ids = model.encode(prompt)
-        target = encode_target(model, prompt, answer)
+        target = encode_target(model, prompt, answer) if answer is not None else []
         if len(ids) + len(target) > model.n_ctx:
             raise InputError(f"prompt and answer exceed the model's context: {prompt!r}")
         rows.append(ids + target)
