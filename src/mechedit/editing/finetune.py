@@ -36,9 +36,6 @@ matrix is too little), so the default here trains every weight under the same ε
 
 from __future__ import annotations
 
-import contextlib
-import math
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -46,12 +43,23 @@ import torch
 
 from mechedit.data import EditRecord
 from mechedit.editing.handle import EditHandle
-from mechedit.editing.hparams import HyperParams
+from mechedit.editing.hparams import (
+    HyperParams,
+    check_layers_field,
+    check_modules_field,
+    is_number,
+    is_positive,
+)
 from mechedit.editing.training import (
     Progress,
     adam_loop,
     answer_batch,
     answer_loss,
+    check_layers,
+    check_requests,
+    edit_pairs,
+    modules_in_layers,
+    seeded,
     select_modules,
     unbridged_copy,
     weight_deltas,
@@ -88,99 +96,19 @@ class FTHyperParams(HyperParams):
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps <= 0:
             raise InputError(f"steps must be a positive integer, got {self.steps!r}")
-        if not _positive(self.lr):
+        if not is_positive(self.lr):
             raise InputError(f"lr must be a positive number, got {self.lr!r}")
-        if not _number(self.weight_decay) or self.weight_decay < 0:
+        if not is_number(self.weight_decay) or self.weight_decay < 0:
             raise InputError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
-        if self.norm_constraint is not None and not _positive(self.norm_constraint):
+        if self.norm_constraint is not None and not is_positive(self.norm_constraint):
             raise InputError(f"norm_constraint must be a positive number (the L∞ bound) or None, "
                              f"got {self.norm_constraint!r}")
-        if self.stop_loss is not None and not _number(self.stop_loss):
+        if self.stop_loss is not None and not is_number(self.stop_loss):
             raise InputError(f"stop_loss must be a number or None, got {self.stop_loss!r}")
         check_layers_field(self.layers)
         check_modules_field(self.modules, allow_none=True)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise InputError(f"seed must be an integer, got {self.seed!r}")
-
-
-# -- checks and pieces shared with lora.py -----------------------------------------------------------------------
-
-
-def _number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _positive(x) -> bool:
-    return _number(x) and x > 0
-
-
-def check_layers_field(layers) -> None:
-    if layers is None:
-        return
-    if (not isinstance(layers, tuple) or not layers
-            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)):
-        raise InputError(f"layers must be a non-empty list of layer indices (integers >= 0) or None, got {layers!r}")
-
-
-def check_modules_field(modules, allow_none: bool = False) -> None:
-    if modules is None and allow_none:
-        return
-    if isinstance(modules, str):
-        if not modules.strip():
-            raise InputError("modules is an empty string; name a module set such as 'mlp' or 'all'")
-        return
-    if not isinstance(modules, tuple) or not modules:
-        raise InputError(f"the module set is empty or malformed ({modules!r}); name at least one module, or use "
-                         "'mlp', 'attn', 'all' or 'auto'")
-    if not all(isinstance(m, str) and m.strip() for m in modules):
-        raise InputError(f"module names must be non-empty strings, got {modules!r}")
-
-
-def check_requests(model: LoadedModel, requests) -> list[EditRecord]:
-    """The requests as a list, each checked to be an EditRecord whose prompt and target encode (so that bad
-    input fails before anything trains)."""
-    reqs = [requests] if isinstance(requests, EditRecord) else list(requests) if requests is not None else []
-    if not reqs or not all(isinstance(r, EditRecord) for r in reqs):
-        raise InputError("requests must be one EditRecord or a non-empty list of them")
-    return reqs
-
-
-def check_layers(model: LoadedModel, layers) -> None:
-    if layers is not None:
-        bad = [i for i in layers if not 0 <= i < model.n_layers]
-        if bad:
-            raise InputError(f"layer(s) {bad} are not in {model.name!r}, which has layers 0-{model.n_layers - 1}")
-
-
-def modules_in_layers(model: LoadedModel, names: Sequence[str], layers) -> list[str]:
-    """``names`` restricted to modules inside ``layers`` (all of them when ``layers`` is None)."""
-    if layers is None:
-        return list(names)
-    prefixes = tuple(f"{model.arch.layers}.{i}." for i in layers)
-    return [n for n in names if n.startswith(prefixes)]
-
-
-def edit_pairs(requests: Sequence[EditRecord], paraphrases: bool) -> tuple[list[str], list[str]]:
-    """(prompts, answers) to train on: each request's prompt (and its paraphrases if asked) -> target_new."""
-    prompts, answers = [], []
-    for r in requests:
-        for p in (r.prompt, *(r.paraphrases if paraphrases else ())):
-            prompts.append(p)
-            answers.append(r.target_new)
-    return prompts, answers
-
-
-@contextlib.contextmanager
-def seeded(seed: int):
-    """Run a block with torch's and Python's generators seeded, leaving the caller's generators as they were."""
-    state = random.getstate()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        random.seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(state)
 
 
 # -- the editors ---------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ H(steps=5, layers=(1, 2))
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, fields, replace
 from typing import Any
 
@@ -70,3 +71,40 @@ def _parse(raw: str) -> Any:
 
 def _tuples(v: Any) -> Any:
     return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
+
+
+# -- field checks shared by the editors' __post_init__ ---------------------------------------------------------
+
+
+def is_number(x) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def is_positive(x) -> bool:
+    """A finite number above 0."""
+    return is_number(x) and x > 0
+
+
+def check_layers_field(layers) -> None:
+    """A ``layers`` field: None (every layer) or a non-empty tuple of layer indices."""
+    if layers is None:
+        return
+    if (not isinstance(layers, tuple) or not layers
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)):
+        raise InputError(f"layers must be a non-empty list of layer indices (integers >= 0) or None, got {layers!r}")
+
+
+def check_modules_field(modules, allow_none: bool = False) -> None:
+    """A ``modules`` field: a module-set name ('auto', 'all', 'mlp' ...) or a non-empty tuple of names."""
+    if modules is None and allow_none:
+        return
+    if isinstance(modules, str):
+        if not modules.strip():
+            raise InputError("modules is an empty string; name a module set such as 'mlp' or 'all'")
+        return
+    if not isinstance(modules, tuple) or not modules:
+        raise InputError(f"the module set is empty or malformed ({modules!r}); name at least one module, or use "
+                         "'mlp', 'attn', 'all' or 'auto'")
+    if not all(isinstance(m, str) and m.strip() for m in modules):
+        raise InputError(f"module names must be non-empty strings, got {modules!r}")

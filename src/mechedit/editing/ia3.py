@@ -64,6 +64,7 @@ from mechedit.editing.training import (
     adam_loop,
     answer_batch,
     answer_loss,
+    check_requests,
     select_modules,
     unbridged_copy,
     weight_deltas,
@@ -272,13 +273,6 @@ def _pairs(model: LoadedModel, requests: list[EditRecord], hp: IA3HyperParams, a
     return prompts, answers
 
 
-def _check_requests(requests) -> list[EditRecord]:
-    reqs = [requests] if isinstance(requests, EditRecord) else list(requests)
-    if not reqs or not all(isinstance(r, EditRecord) for r in reqs):
-        raise InputError("requests must be one EditRecord or a non-empty list of them")
-    return reqs
-
-
 @torch.no_grad()
 def bridge_logits(model: LoadedModel, prompts: Sequence[str]) -> list[torch.Tensor]:
     """Each prompt's logits through the bridge, (1, T, V) float32 each."""
@@ -339,7 +333,7 @@ def ia3(model: LoadedModel, requests: Sequence[EditRecord], hparams: IA3HyperPar
     hp = hparams if hparams is not None else IA3HyperParams()
     if not isinstance(hp, IA3HyperParams):
         raise InputError(f"hparams must be IA3HyperParams, got {type(hp).__name__}")
-    reqs = _check_requests(requests)
+    reqs = check_requests(model, requests)
     fingerprint = model.fingerprint()
     names, why = _select(model, reqs, hp)
     prompts, answers = _pairs(model, reqs, hp)
@@ -360,7 +354,7 @@ def ia3_unlearn_learn(model: LoadedModel, requests: Sequence[EditRecord],
     hp = hparams if hparams is not None else UnlearnLearnHyperParams()
     if not isinstance(hp, UnlearnLearnHyperParams):
         raise InputError(f"hparams must be UnlearnLearnHyperParams, got {type(hp).__name__}")
-    reqs = _check_requests(requests)
+    reqs = check_requests(model, requests)
     fingerprint = model.fingerprint()
     names, why = _select(model, reqs, hp)
     prompts, unsure = _pairs(model, reqs, hp, answer=hp.uncertain_answer)

@@ -30,10 +30,9 @@ from dataclasses import dataclass
 from string import Formatter
 
 from mechedit.data import EditRecord
-from mechedit.editing.finetune import check_requests
 from mechedit.editing.handle import EditHandle
 from mechedit.editing.hparams import HyperParams
-from mechedit.editing.training import Progress
+from mechedit.editing.training import Progress, check_requests
 from mechedit.errors import InputError
 from mechedit.model import LoadedModel
 from mechedit.tracing.common import needs_space

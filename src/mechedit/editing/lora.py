@@ -50,25 +50,25 @@ from pathlib import Path
 import torch
 
 from mechedit.data import EditRecord
-from mechedit.editing.finetune import (
-    _number,
-    _positive,
-    check_layers,
+from mechedit.editing.handle import EditHandle
+from mechedit.editing.hparams import (
+    HyperParams,
     check_layers_field,
     check_modules_field,
-    check_requests,
-    edit_pairs,
-    modules_in_layers,
-    seeded,
+    is_number,
+    is_positive,
 )
-from mechedit.editing.handle import EditHandle
-from mechedit.editing.hparams import HyperParams
 from mechedit.editing.training import (
     AnswerBatch,
     Progress,
     adam_loop,
     answer_batch,
     answer_loss,
+    check_layers,
+    check_requests,
+    edit_pairs,
+    modules_in_layers,
+    seeded,
     select_modules,
     unbridged_copy,
     weight_deltas,
@@ -138,7 +138,7 @@ class RegLoRAHyperParams(HyperParams):
                 raise InputError(f"{name} must be an integer >= 0, got {v!r}")
         for name in ("retention_weight", "kl_weight"):
             v = getattr(self, name)
-            if not _number(v) or v < 0:
+            if not is_number(v) or v < 0:
                 raise InputError(f"{name} must be a number >= 0, got {v!r}")
 
 
@@ -147,15 +147,15 @@ def _check_lora(hp) -> None:
     check_layers_field(hp.layers)
     if isinstance(hp.rank, bool) or not isinstance(hp.rank, int) or hp.rank <= 0:
         raise InputError(f"rank must be a positive integer, got {hp.rank!r}")
-    if not _positive(hp.alpha):
+    if not is_positive(hp.alpha):
         raise InputError(f"alpha must be a positive number, got {hp.alpha!r}")
-    if not _number(hp.dropout) or not 0 <= hp.dropout < 1:
+    if not is_number(hp.dropout) or not 0 <= hp.dropout < 1:
         raise InputError(f"dropout must be a number in [0, 1), got {hp.dropout!r}")
     if isinstance(hp.steps, bool) or not isinstance(hp.steps, int) or hp.steps <= 0:
         raise InputError(f"steps must be a positive integer, got {hp.steps!r}")
-    if not _positive(hp.lr):
+    if not is_positive(hp.lr):
         raise InputError(f"lr must be a positive number, got {hp.lr!r}")
-    if hp.stop_loss is not None and not _number(hp.stop_loss):
+    if hp.stop_loss is not None and not is_number(hp.stop_loss):
         raise InputError(f"stop_loss must be a number or None, got {hp.stop_loss!r}")
     if isinstance(hp.seed, bool) or not isinstance(hp.seed, int):
         raise InputError(f"seed must be an integer, got {hp.seed!r}")

@@ -15,11 +15,14 @@ is never touched until the finished change is applied through an :class:`~meched
 
 from __future__ import annotations
 
+import contextlib
+import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from mechedit.data import EditRecord
 from mechedit.errors import InputError, MecheditError
 from mechedit.model import LoadedModel, canonical_param_name
 from mechedit.tracing.common import encode_target
@@ -222,3 +225,50 @@ def select_modules(model: LoadedModel, modules, requests=(), *, seed: int = 0,
         if name not in chosen:
             chosen.append(name)
     return chosen, {"modules": "given"}
+
+
+def check_requests(model: LoadedModel, requests) -> list[EditRecord]:
+    """The requests as a list, each checked to be an EditRecord whose prompt and target encode (so that bad
+    input fails before anything trains)."""
+    reqs = [requests] if isinstance(requests, EditRecord) else list(requests) if requests is not None else []
+    if not reqs or not all(isinstance(r, EditRecord) for r in reqs):
+        raise InputError("requests must be one EditRecord or a non-empty list of them")
+    return reqs
+
+
+def check_layers(model: LoadedModel, layers) -> None:
+    if layers is not None:
+        bad = [i for i in layers if not 0 <= i < model.n_layers]
+        if bad:
+            raise InputError(f"layer(s) {bad} are not in {model.name!r}, which has layers 0-{model.n_layers - 1}")
+
+
+def modules_in_layers(model: LoadedModel, names: Sequence[str], layers) -> list[str]:
+    """``names`` restricted to modules inside ``layers`` (all of them when ``layers`` is None)."""
+    if layers is None:
+        return list(names)
+    prefixes = tuple(f"{model.arch.layers}.{i}." for i in layers)
+    return [n for n in names if n.startswith(prefixes)]
+
+
+def edit_pairs(requests: Sequence[EditRecord], paraphrases: bool) -> tuple[list[str], list[str]]:
+    """(prompts, answers) to train on: each request's prompt (and its paraphrases if asked) -> target_new."""
+    prompts, answers = [], []
+    for r in requests:
+        for p in (r.prompt, *(r.paraphrases if paraphrases else ())):
+            prompts.append(p)
+            answers.append(r.target_new)
+    return prompts, answers
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Run a block with torch's and Python's generators seeded, leaving the caller's generators as they were."""
+    state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(state)
