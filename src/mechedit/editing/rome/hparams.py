@@ -1,7 +1,7 @@
 """ROME's hyperparameters, with the defaults of the paper's GPT-2 XL run (``hparams/ROME/gpt2-xl.json`` in ROME's
 repository) unless a comment says otherwise.
 
-The object is frozen and round-trips through :meth:`ROMEHyperParams.to_dict` / :meth:`ROMEHyperParams.from_dict`
+The object is frozen and round-trips through ``to_dict`` / ``from_dict`` (from :class:`~mechedit.editing.hparams.HyperParams`)
 (JSON-ready: lists for tuples), so every edit handle records exactly the hyperparameters that made it.
 
 >>> ROMEHyperParams(layer=3).to_dict()["v_lr"]
@@ -11,10 +11,10 @@ The object is frozen and round-trips through :meth:`ROMEHyperParams.to_dict` / :
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 from mechedit.editing.hparams import HyperParams
-from mechedit.errors import DataFormatError, InputError
+from mechedit.errors import InputError
 
 KEY_POSITIONS = ("subject_last", "subject_first", "prompt_last")
 
@@ -110,23 +110,6 @@ class ROMEHyperParams(HyperParams):
         for name in ("mom2_adjustment", "consistent_keys"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
-
-    def to_dict(self) -> dict:
-        """Plain JSON-ready data (lists for tuples); :meth:`from_dict` inverts it."""
-        d = asdict(self)
-        d["prefix_lengths"] = [list(p) for p in self.prefix_lengths]
-        d["context_prefixes"] = list(self.context_prefixes) if self.context_prefixes is not None else None
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ROMEHyperParams:
-        if not isinstance(d, dict):
-            raise DataFormatError(f"ROME hyperparameters must be a dict, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise DataFormatError(f"ROME hyperparameters: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
 
 
 def _pos_int(x) -> bool:
