@@ -135,7 +135,7 @@ def edit(
     handle = run_edit(m, [request], method, hparams)
     after = answers(m, [handle.prompt(p) for p in prompts], targets)
     goal = (f"erase what the model knows in {request.prompt!r} ({request.target_true or 'its answer'})"
-            if method == "elm" else f"{request.prompt!r} -> {request.target_new!r}")
+            if get_method(method).goal == "erase" else f"{request.prompt!r} -> {request.target_new!r}")
     typer.echo(f"{method} edit ({where_edited(handle)}): {goal}")
     kinds = ["edit"] + ["paraphrase"] * len(request.paraphrases) + ["neighbour"] * len(request.neighborhood)
     rows = []

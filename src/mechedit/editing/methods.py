@@ -31,6 +31,9 @@ class Method:
     hparams: str  # "module:Class" (a frozen dataclass with to_dict/from_dict/with_overrides)
     batched: bool  # True: the editor takes a list of requests and makes one edit of all of them
     summary: str
+    # "rewrite": the requests' prompts should now give target_new; "erase": what the model knows about the
+    # requests' facts is removed (target_new is not used)
+    goal: str = "rewrite"
 
     def load(self) -> tuple[Callable, type]:
         return _import(self.editor), _import(self.hparams)
@@ -65,7 +68,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("icl", "mechedit.editing.icl:icl", "mechedit.editing.icl:ICLHyperParams",
            True, "in-context editing: a context stating the new facts, no weight change"),
     Method("elm", "mechedit.editing.elm:elm", "mechedit.editing.elm:ELMHyperParams",
-           True, "ELM concept erasure: LoRA trained towards the expert/novice-contrast distribution"),
+           True, "ELM concept erasure: LoRA trained towards the expert/novice-contrast distribution", "erase"),
 ]}
 
 
