@@ -7,17 +7,16 @@ for the edits to take; on tiny random models only the mechanics are checked (lay
 
 from __future__ import annotations
 
-
 import pytest
 import torch
-
 from conftest import same_weights, snapshot
+
 import mechedit
 from mechedit.data import EditRecord
 from mechedit.editing import EditHandle, layer_stats
 from mechedit.editing.memit import MEMITHyperParams, memit
 from mechedit.editing.memit.compute_ks import prepare, read_resid
-from mechedit.editing.memit.compute_zs import compute_zs
+from mechedit.editing.memit.compute_zs import compute_zs, compute_zs_reference
 from mechedit.editing.methods import edit, make_hparams
 from mechedit.errors import DataFormatError, InputError, MecheditError
 from mechedit.evaluation.counterfact import answer_nll, rewrite_scores
@@ -92,6 +91,60 @@ def test_requests_about_one_subject_share_their_value(embedded):
     assert torch.equal(values.delta[0], values.delta[1]) and values.delta[0].norm() > 0
 
 
+def _no_patched_blocks(m) -> bool:
+    blocks = m.hf_model.get_submodule(m.arch.layers)
+    return not any("forward" in vars(b) for b in blocks)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
+def test_upper_layer_values_equal_the_whole_stack_reference(sharp, arch):
+    """compute_zs runs only the blocks above the value layer on the suffixes, grouped by suffix length;
+    compute_zs_reference runs every block on right-padded suffixes with δ added by a hook. Same δs, losses and
+    step counts to float tolerance, with prompts whose prefixes and suffixes differ in length, two requests
+    about one subject, and a value layer in the middle of the stack."""
+    m = sharp(arch)
+    recs = [EditRecord(0, "Yesterday I met {}", "Voupeis Draexmir", "Paris"),
+            EditRecord(1, "{} was born in", "Voupeis Draexmir", "Lisbon"),
+            EditRecord(2, "The friend of {} lives in the city of", "Dalo Frenwick", "Rome")]
+    templates = ["{}", "The weather was mild. {}", "I {}"]
+    hp = MEMITHyperParams(layers=(0, 1), context_prefixes=(), v_num_grad_steps=6, batch_requests=2)
+    prep = prepare(m, recs, templates, hp.key_position)
+    z = read_resid(m, prep, 1)
+    fast, ref = compute_zs(m, prep, 1, z, hp), compute_zs_reference(m, prep, 1, z, hp)
+    assert torch.equal(fast.steps, ref.steps) and int(ref.steps.max()) == 6
+    torch.testing.assert_close(fast.delta, ref.delta, atol=1e-5 * float(ref.delta.norm()), rtol=1e-3)
+    torch.testing.assert_close(fast.loss, ref.loss, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fast.target_prob, ref.target_prob, atol=1e-6, rtol=1e-4)
+    assert float(ref.delta.norm(dim=1).min()) > 0 and torch.equal(fast.delta[0], fast.delta[1])
+    assert _no_patched_blocks(m)
+
+
+def test_requests_below_the_stop_loss_do_not_move(embedded, records):
+    """ROME's early stop, per request: with a stop loss above every loss, each request takes one forward (the
+    one that measures it) and keeps δ = 0, in both ways of computing."""
+    hp = MEMITHyperParams(layers=(2,), context_prefixes=(), v_num_grad_steps=5, v_loss_stop=1e6)
+    prep = prepare(embedded, records, ["{}"], hp.key_position)
+    z = read_resid(embedded, prep, 2)
+    for f in (compute_zs, compute_zs_reference):
+        values = f(embedded, prep, 2, z, hp)
+        assert values.steps.tolist() == [1] * len(records)
+        assert torch.equal(values.delta, torch.zeros_like(values.delta))
+
+
+def test_bfloat16_values_stay_close_to_float32(embedded, records):
+    """v_precision="bfloat16" runs the value optimisation's matrix products in bfloat16: not the same δ, but
+    close, and the edits still reach their targets."""
+    hp = MEMITHyperParams(layers=(2,), context_prefixes=("The weather was mild.",), v_num_grad_steps=8)
+    prep = prepare(embedded, records, ["{}", "The weather was mild. {}"], hp.key_position)
+    z = read_resid(embedded, prep, 2)
+    f32 = compute_zs(embedded, prep, 2, z, hp)
+    b16 = compute_zs(embedded, prep, 2, z, MEMITHyperParams(**{**hp.to_dict(), "v_precision": "bfloat16"}))
+    rel = (b16.delta - f32.delta).norm(dim=1) / f32.delta.norm(dim=1)
+    assert float(rel.max()) < 0.1 and not torch.equal(b16.delta, f32.delta)
+    assert (b16.target_prob - f32.target_prob).abs().max() < 0.05
+    assert _no_patched_blocks(embedded)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_tiny_models_edit_only_the_given_layers_in_their_layout(sharp, arch):
     m = sharp(arch)
@@ -138,7 +191,7 @@ def test_hparams_validate_and_round_trip():
     assert MEMITHyperParams.from_dict(hp.to_dict()) == hp
     assert hp.with_overrides(["layers=[1, 3]"]).layers == (1, 3)
     for bad in ({"layers": (2, 1)}, {"layers": ()}, {"layers": "all"}, {"v_lr": 0}, {"mom2_update_weight": -1},
-                {"kl_prompt": "no braces"}, {"batch_requests": 0}):
+                {"kl_prompt": "no braces"}, {"batch_requests": 0}, {"v_precision": "float16"}):
         with pytest.raises(InputError):
             MEMITHyperParams(**bad)
     with pytest.raises(DataFormatError):
