@@ -1,0 +1,98 @@
+"""The soft-forgetting scorer and the rate summaries of analyses/unlearn_learn.py (study 2)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+import mechedit.editing  # noqa: F401 - importing mechedit.evaluation first hits a circular import (editing.sweep)
+from mechedit.evaluation.stats import wilson
+
+_PATH = Path(__file__).resolve().parents[1] / "analyses" / "unlearn_learn.py"
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("unlearn_learn_study", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("text,answer,expected", [
+    (" The Eiffel Tower is in Paris.", "Paris", True),
+    (" paris, of course", "Paris", True),  # case-insensitive
+    (" Parisian cafés", "Paris", False),  # a longer word is not the answer
+    (" New York City", "New York", True),  # several words
+    (" NewYork", "New York", False),
+    (" I am not sure", "Rome", False),
+    ("Rome", " Rome", True),  # the answer's own leading space is ignored
+])
+def test_mentions_whole_words_only(study, text, answer, expected):
+    assert study.mentions(text, answer) is expected
+
+
+def test_reaches_by_token_or_by_continuation(study):
+    assert study.reaches(True, " something else", "Paris")  # the first token was the answer's
+    assert study.reaches(False, " the city of Paris", "Paris")  # named later in the continuation
+    assert not study.reaches(False, " the city of Rome", "Paris")
+
+
+def test_forgetting_kind_separates_kept_soft_and_hard(study):
+    assert study.forgetting_kind(False, [True, True]) == "kept"  # still the edit prompt's answer
+    assert study.forgetting_kind(False, []) == "kept"
+    assert study.forgetting_kind(True, [False, True]) == "soft"  # gone there, reachable elsewhere
+    assert study.forgetting_kind(True, [False, False]) == "hard"
+    assert study.forgetting_kind(True, []) == "hard"  # no other probe reached it
+
+
+def test_rate_is_wilson_over_edits(study):
+    r = study.rate([True, True, False, True])
+    assert (r["k"], r["n"], r["rate"]) == (3, 4, 0.75)
+    assert (r["lo"], r["hi"]) == wilson(3, 4)
+    assert r["lo"] < 0.75 < r["hi"]
+    everything = study.rate([True] * 10)
+    assert everything["hi"] == 1.0 and everything["lo"] < 1.0  # never a single point at k = n
+
+
+def test_rate_of_lists_pools_counts_and_contains_the_pooled_wilson_interval(study):
+    lists = [[True, False], [True, True, True], [], [False]]
+    r = study.rate_of_lists(lists)
+    assert (r["k"], r["n"]) == (4, 6)
+    per_edit = [0.5, 1.0, 0.0]  # the empty list is no edit
+    assert r["rate"] == pytest.approx(sum(per_edit) / 3)
+    lo, hi = wilson(4, 6)
+    assert r["lo"] <= lo and r["hi"] >= hi
+    assert study.rate_of_lists([[], []])["n"] == 0
+
+
+def test_summarise_counts_soft_and_hard_forgetting(study, tmp_path):
+    import json
+
+    def after(forgot, reach, rank=50, f2=True):
+        return {"f2": {"edit": [f2], "paraphrase": [f2, False]}, "f1_on_edit_prompt": not forgot, "f1_rank": rank,
+                "f1_reach": {"paraphrase": reach, "context": [False]}, "same_subject": [True, False],
+                "other": [True, True, True]}
+
+    before = after(False, [True, True], rank=0, f2=False)
+    rows = [
+        {"case_id": 0, "condition": "x", "before": before, "after": after(True, [False, False])},  # hard
+        {"case_id": 1, "condition": "x", "before": before, "after": after(True, [True, False])},  # soft
+        {"case_id": 2, "condition": "x", "before": before, "after": after(True, [False, False], rank=2)},  # soft
+        {"case_id": 3, "condition": "x", "before": before, "after": after(False, [True, True])},  # kept
+        {"case_id": 4, "condition": "x", "before": before, "error": "InputError: refused"},
+    ]
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    s = study.summarise(tmp_path)
+    x = s["x"]
+    assert x["edits"] == 4 and x["errors"] == 1
+    assert (x["f1_forget"]["k"], x["soft_forgetting"]["k"], x["hard_forgetting"]["k"]) == (3, 2, 1)
+    assert x["f1_top5"]["k"] == 1
+    assert x["f2_edit"]["rate"] == 1.0
+    assert s["unedited"]["edits"] == 5 and s["unedited"]["f1_forget"]["k"] == 0  # one "before" per case
+    assert s["unedited"]["f2_edit"]["k"] == 0
+    assert "| x | 4 |" in (tmp_path / "table.md").read_text()
