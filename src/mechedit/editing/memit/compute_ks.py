@@ -65,16 +65,27 @@ def _pad_id(model: LoadedModel) -> int:
     return model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
 
 
+def _at_lookups(rows: list[list[int]], pos: torch.Tensor, read, pad: int) -> torch.Tensor:
+    """``read(ids)`` (B, T, d) at each row's position ``pos``: (len(rows), d) float64. Under causal attention
+    nothing after a row's lookup token changes what is read there, so rows are cut right after it, and they run
+    sorted by length in batches of ``ROWS_PER_FORWARD`` (little padding); the result is in the rows' order."""
+    cut = [row[:int(p) + 1] for row, p in zip(rows, pos)]
+    order = sorted(range(len(cut)), key=lambda i: len(cut[i]))
+    out = [None] * len(cut)
+    for s in range(0, len(order), ROWS_PER_FORWARD):
+        idx = order[s:s + ROWS_PER_FORWARD]
+        got = read(pad_right([cut[i] for i in idx], pad))  # (B, T, d); right padding is never seen (causal)
+        at = got[torch.arange(len(idx)), pos[idx].to(got.device)].double().cpu()  # (B, d)
+        for k, i in enumerate(idx):
+            out[i] = at[k]
+    return torch.stack(out)
+
+
 def read_keys(model: LoadedModel, prep: Prepared, layer: int) -> torch.Tensor:
     """K: (n, d_mlp) float64, each request's key at ``layer`` averaged over the templates (MEMIT's compute_ks)."""
     rows = [list(p.ids) for ps in prep.prompts for p in ps]  # request-major: (n * n_templates) rows
-    pos = prep.lookups.reshape(-1)
-    out = []
-    for s in range(0, len(rows), ROWS_PER_FORWARD):
-        keys = mlp_keys(model, layer, pad_right(rows[s:s + ROWS_PER_FORWARD], _pad_id(model)))  # (B, T, d_mlp)
-        b = keys.shape[0]
-        out.append(keys[torch.arange(b), pos[s:s + b].to(keys.device)].double().cpu())  # (B, d_mlp)
-    return torch.cat(out).reshape(prep.n, len(prep.templates), -1).mean(dim=1)  # (n, d_mlp)
+    keys = _at_lookups(rows, prep.lookups.reshape(-1), lambda ids: mlp_keys(model, layer, ids), _pad_id(model))
+    return keys.reshape(prep.n, len(prep.templates), -1).mean(dim=1)  # (n, d_mlp)
 
 
 class _Stop(Exception):
@@ -102,16 +113,12 @@ def capture_block_output(model: LoadedModel, layer: int, stop: bool = False) -> 
 
 def read_resid(model: LoadedModel, prep: Prepared, layer: int) -> torch.Tensor:
     """z: (n, d_model) float64, the residual stream after ``layer`` at the bare prompt's lookup token."""
-    rows = [list(ps[0].ids) for ps in prep.prompts]
-    pos = prep.lookups[:, 0]
-    out = []
-    for s in range(0, len(rows), ROWS_PER_FORWARD):
-        x = pad_right(rows[s:s + ROWS_PER_FORWARD], _pad_id(model)).to(model.device)
+    def read(ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), capture_block_output(model, layer, stop=True) as box:
             try:
-                model.hf_model(input_ids=x, use_cache=False)
+                model.hf_model(input_ids=ids.to(model.device), use_cache=False)
             except _Stop:
                 pass
-        r = box["resid"]
-        out.append(r[torch.arange(r.shape[0]), pos[s:s + r.shape[0]].to(r.device)].double().cpu())
-    return torch.cat(out)
+        return box["resid"]
+
+    return _at_lookups([list(ps[0].ids) for ps in prep.prompts], prep.lookups[:, 0], read, _pad_id(model))
