@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -30,15 +31,122 @@ class _OutOfTime(Exception):
     pass
 
 
+KEYS = {"ES": "efficacy_success", "PS": "paraphrase_success", "NS": "neighborhood_success"}
+
+
 def score(model, records) -> dict:
+    """Per-record ES/PS/NS (0/1; None where a record has nothing to measure) on ``model`` as it is now."""
     from mechedit.evaluation.counterfact import rewrite_scores
 
     rows = [rewrite_scores(model, r) for r in records]
-    out = {}
-    for key in ("efficacy_success", "paraphrase_success", "neighborhood_success"):
-        vals = [r[key] for r in rows if r[key] is not None]
-        out[key] = 100.0 * sum(vals) / len(vals) if vals else None
-    out["per_record_ns"] = [r["neighborhood_success"] for r in rows]
+    return {short: [r[key] for r in rows] for short, key in KEYS.items()}
+
+
+def pct(values) -> list[float]:
+    """[mean, lo, hi] in %, Wilson 95% interval (the values are 0/1 per record)."""
+    from mechedit.evaluation.stats import interval
+
+    return [round(100.0 * x, 2) for x in interval([v for v in values if v is not None], (0.0, 1.0))]
+
+
+def last_piece(model, subject: str) -> str:
+    return model.tokenizer.decode([model.encode(subject)[-1]])
+
+
+def diagnose(model, records, per_record: dict, immediate: list) -> dict:
+    """Why edits fail, on the model holding ``len(per_record["ES"])`` edits: each edit's ES right after it was made
+    (does it take?) against now, by age (edits made after it), by whether a later edit had the same subject, and
+    by whether an earlier edit's subject ends in the same name piece (the key at the subject's last token)."""
+    n = len(per_record["ES"])
+    recs = records[:n]
+    es = per_record["ES"]
+    later_same = [any(recs[j].subject == recs[i].subject for j in range(i + 1, n)) for i in range(n)]
+    pieces = [last_piece(model, r.subject) for r in recs]
+    earlier_piece = [any(pieces[j] == pieces[i] and recs[j].subject != recs[i].subject for j in range(i))
+                     for i in range(n)]
+    ages = [n - 1 - i for i in range(n)]
+    bins = [(0, 9), (10, 99), (100, 499), (500, 10 ** 9)]
+    out = {"immediate_ES": pct(immediate[:n]), "ES_now": pct(es), "by_age": [], "splits": []}
+    for lo, hi in bins:
+        idx = [i for i in range(n) if lo <= ages[i] <= hi]
+        if idx:
+            out["by_age"].append({"age": f"{lo}-{hi}" if hi < 10 ** 9 else f"{lo}+", "n": len(idx),
+                                  "ES_immediate": pct([immediate[i] for i in idx]), "ES_now": pct([es[i] for i in idx])})
+    for name, flag in (("a later edit has the same subject", later_same),
+                       ("an earlier edit's subject ends in the same name piece", earlier_piece)):
+        for value in (True, False):
+            idx = [i for i in range(n) if flag[i] == value]
+            if idx:
+                out["splits"].append({"split": name, "value": value, "n": len(idx),
+                                      "ES_immediate": pct([immediate[i] for i in idx]),
+                                      "ES_now": pct([es[i] for i in idx]),
+                                      "NS_now": pct([per_record["NS"][i] for i in idx])})
+    # neighbours: does the neighbour's subject end in the name piece of some edited subject?
+    edited_pieces = set(pieces)
+    nb = [_neighbour_piece(model, r) if r.neighborhood else None for r in recs]
+    out["NS_by_neighbour_piece"] = []
+    for value in (True, False):
+        idx = [i for i in range(n) if nb[i] is not None and (nb[i] in edited_pieces) == value]
+        if idx:
+            out["NS_by_neighbour_piece"].append({"neighbour_subject_ends_in_an_edited_piece": value, "n": len(idx),
+                                                 "NS_now": pct([per_record["NS"][i] for i in idx])})
+    return out
+
+
+def _neighbour_piece(model, record) -> str | None:
+    """The last token of the neighbour prompt's subject (the neighbour prompt is the record's template filled with
+    another subject)."""
+    prompt = record.neighborhood[0][0]
+    before, _, after = record.template.partition("{}")
+    subject = prompt[len(before):len(prompt) - len(after)] if prompt.startswith(before) and prompt.endswith(after) \
+        else None
+    return last_piece(model, subject) if subject else None
+
+
+def key_report(model, records, hparams) -> dict:
+    """How the edit keys overlap (AlphaEdit's MEMIT layers, the unedited model): cosine of two prompts of one
+    subject, of two subjects ending in the same name piece, of other subjects; the null space's rank and the
+    share of each edit key's norm inside it; the cosine of null-space-projected subject keys."""
+    import itertools
+
+    from mechedit.editing.memit.compute_ks import prepare, read_keys
+    from mechedit.editing.memit.memit_main import layer_statistics
+    from mechedit.editing.rome.rome_main import context_templates
+    from mechedit.editing.sequential import null_space
+
+    mh = hparams.memit
+    stats = layer_statistics(model, mh.layers, mh, None, None)
+    prep = prepare(model, records, context_templates(model, mh), mh.key_position)
+    subjects = sorted({r.subject for r in records})
+    idx = {s: [i for i, r in enumerate(records) if r.subject == s] for s in subjects}
+    piece = {s: last_piece(model, s) for s in subjects}
+    out = {"n_subjects": len(subjects), "n_last_pieces": len(set(piece.values())), "layers": []}
+    for layer in mh.layers:
+        K = read_keys(model, prep, layer)  # (n, d_mlp) float64
+        ns = null_space(stats[layer].mom2, hparams.nullspace_energy)
+        S = torch.stack([K[idx[s]].mean(0) for s in subjects])
+        Sn = S / S.norm(dim=1, keepdim=True)
+        PS = S @ ns.P
+        PSn = PS / PS.norm(dim=1, keepdim=True)
+        same = [float(K[i] @ K[j] / (K[i].norm() * K[j].norm())) for s in subjects
+                for i, j in itertools.combinations(idx[s], 2)]
+        shared, other, shared_p, other_p = [], [], [], []
+        for a, b in itertools.combinations(range(len(subjects)), 2):
+            c, cp = float(Sn[a] @ Sn[b]), float(PSn[a] @ PSn[b])
+            if piece[subjects[a]] == piece[subjects[b]]:
+                shared.append(c); shared_p.append(cp)
+            else:
+                other.append(c); other_p.append(cp)
+        mean = lambda x: round(sum(x) / len(x), 4) if x else None  # noqa: E731
+        frac = (K @ ns.P).norm(dim=1) / K.norm(dim=1)
+        out["layers"].append({
+            "layer": layer, "d_mlp": model.d_mlp, **ns.describe(),
+            "key_in_null_space_median": round(float(frac.median()), 4),
+            "key_sq_norm_mean": round(float((K ** 2).sum(1).mean()), 3),
+            "null_key_sq_norm_mean": round(float(((K @ ns.P) ** 2).sum(1).mean()), 3),
+            "cos_same_subject": mean(same), "cos_shared_last_piece": mean(shared), "n_shared_pairs": len(shared),
+            "cos_other_subjects": mean(other),
+            "cos_null_shared_last_piece": mean(shared_p), "cos_null_other_subjects": mean(other_p)})
     return out
 
 
@@ -46,33 +154,45 @@ def run_method(model, name, records, hparams, checkpoints, budget, base_ns) -> d
     from mechedit.editing.methods import edit
 
     started = time.perf_counter()
+    cpu0 = time.process_time()
     points = []
+    immediate: list = []  # each edit's ES right after the step that made it
+    last = {}
 
     def progress(stage, done, total):
-        if stage != "edit" or done not in checkpoints:
+        if stage != "edit":
             return
-        edit_seconds = time.perf_counter() - started - sum(p["eval_seconds"] for p in points)
         t0 = time.perf_counter()
+        immediate.extend(score(model, records[len(immediate):done])["ES"])
+        if done not in checkpoints:
+            points_eval[0] += time.perf_counter() - t0
+            return
+        edit_seconds = time.perf_counter() - started - points_eval[0]
         s = score(model, records[:done])
-        ns_base = [b for b in base_ns[:done] if b is not None]
-        point = {"edits": done, "ES": s["efficacy_success"], "PS": s["paraphrase_success"],
-                 "NS": s["neighborhood_success"], "NS_before": 100.0 * sum(ns_base) / len(ns_base),
-                 "edit_seconds": round(edit_seconds, 1), "eval_seconds": round(time.perf_counter() - t0, 1)}
-        point["NS_drop"] = point["NS_before"] - point["NS"]
+        last["scores"] = s
+        point = {"edits": done, **{k: pct(v) for k, v in s.items()}, "NS_before": pct(base_ns[:done]),
+                 "immediate_ES": pct(immediate[:done]), "edit_seconds": round(edit_seconds, 1),
+                 "cpu_seconds": round(time.process_time() - cpu0, 1)}
+        point["NS_drop"] = round(point["NS_before"][0] - point["NS"][0], 2)
         points.append(point)
-        print(f"  {name} {done:5d} edits: ES {point['ES']:.1f}  PS {point['PS']:.1f}  NS {point['NS']:.1f} "
-              f"(before {point['NS_before']:.1f})  {edit_seconds:.0f}s editing", flush=True)
+        points_eval[0] += time.perf_counter() - t0
+        print(f"  {name} {done:5d} edits: ES {point['ES'][0]:.1f}  PS {point['PS'][0]:.1f}  NS {point['NS'][0]:.1f} "
+              f"(before {point['NS_before'][0]:.1f}); ES right after each edit {point['immediate_ES'][0]:.1f}; "
+              f"{edit_seconds:.0f}s editing", flush=True)
         if time.perf_counter() - started > budget and done < total:
             raise _OutOfTime
 
+    points_eval = [0.0]  # wall seconds spent scoring (excluded from editing time)
     stopped = None
     try:
         handle = edit(model, records, name, hparams, progress)
         handle.restore()
     except _OutOfTime:  # the editor restored the original weights before this propagated
         stopped = f"time budget of {budget:.0f} s reached after {points[-1]['edits']} edits"
+    diagnosis = diagnose(model, records, last["scores"], immediate) if last else None
     return {"method": name, "hparams": hparams.to_dict(), "points": points, "stopped": stopped,
-            "seconds": round(time.perf_counter() - started, 1)}
+            "diagnosis": diagnosis, "immediate_ES": immediate,
+            "seconds": round(time.perf_counter() - started, 1), "cpu_seconds": round(time.process_time() - cpu0, 1)}
 
 
 def main() -> None:
@@ -83,10 +203,13 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=720.0, help="seconds per method (editing + scoring)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pool", type=int, default=1000, help="the first --n of world_records(n=POOL, seed=SEED) "
+                    "are edited, so a short run edits the start of the long one (same subjects, same order)")
     ap.add_argument("--out", default="docs/results/sequential-edits")
     ap.add_argument("--alphaedit-hp", nargs="*", default=[], help="overrides of AlphaEdit's SequentialHyperParams "
                     "(name=value, dotted for nested: memit.v_lr=0.2)")
     ap.add_argument("--seq-rome-hp", nargs="*", default=[], help="overrides of seq-rome's SequentialHyperParams")
+    ap.add_argument("--key-report", action="store_true", help="also measure how the edit keys overlap")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -97,55 +220,89 @@ def main() -> None:
     from mechedit.toy.export import embedded_world, world_records
 
     model = mechedit.load()
-    records = world_records(embedded_world(), n=args.n, seed=args.seed)
+    if args.n > args.pool:
+        raise SystemExit(f"--n {args.n} is more than --pool {args.pool}")
+    records = world_records(embedded_world(), n=args.pool, seed=args.seed)[:args.n]
     checkpoints = {c for c in map(int, args.checkpoints.split(",")) if c <= args.n} | {args.n}
     before = model.fingerprint()
     t0 = time.perf_counter()
     base = score(model, records)
-    print(f"unedited: ES {base['efficacy_success']:.1f} NS {base['neighborhood_success']:.1f} "
-          f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    print(f"unedited: ES {pct(base['ES'])[0]:.1f} NS {pct(base['NS'])[0]:.1f} ({time.perf_counter() - t0:.0f}s)",
+          flush=True)
     # The embedded model's MLP causal-trace effect at the last subject token peaks at layer 1 (ROME's layer)
     # and spans layers 0-2 (AlphaEdit's MEMIT range); docs/embedded-model.md.
     # Both use 5 context prefixes of 10 tokens (MEMIT's choice; ROME samples 20), so they see the same prompts.
+    # Every hyperparameter either depends on is passed here and recorded in the results.
     hparams = {"seq-rome": SequentialHyperParams(rome=ROMEHyperParams(layer=1, prefix_lengths=((10, 5),))),
                "alphaedit": SequentialHyperParams(memit=MEMITHyperParams(layers=(0, 1, 2)))}
     hparams["seq-rome"] = hparams["seq-rome"].with_overrides(args.seq_rome_hp)
     hparams["alphaedit"] = hparams["alphaedit"].with_overrides(args.alphaedit_hp)
+    keys = key_report(model, records, hparams["alphaedit"]) if args.key_report else None
     results = []
     for name in args.methods.split(","):
-        results.append(run_method(model, name, records, hparams[name], checkpoints, args.budget,
-                                  base["per_record_ns"]))
+        results.append(run_method(model, name, records, hparams[name], checkpoints, args.budget, base["NS"]))
         assert model.fingerprint() == before, "the model was not restored"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "OMP_NUM_THREADS=1 .venv/bin/python analyses/sequential_edits.py " + " ".join(
-        f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items()
-        if not (isinstance(v, list) and not v))
+        f"--{k.replace('_', '-')}{'' if v is True else ' ' + (' '.join(v) if isinstance(v, list) else str(v))}"
+        for k, v in vars(args).items() if not (isinstance(v, list) and not v) and v is not False)
+    load = os.getloadavg()[0]
     data = {"command": command, "model": model.name, "n_records": args.n, "threads": args.threads,
-            "unedited": {k: v for k, v in base.items() if k != "per_record_ns"}, "results": results,
-            "scores": "mechedit.evaluation.counterfact.rewrite_scores (ES/PS/NS success, %, over the records "
-                      "edited so far)"}
+            "load_1min_at_end": round(load, 1),
+            "unedited": {k: pct(v) for k, v in base.items()}, "results": results, "keys": keys,
+            "scores": "mechedit.evaluation.counterfact.rewrite_scores (ES/PS/NS success over the records edited so "
+                      "far, %, [mean, lo, hi] with the Wilson 95% interval)"}
     (out / "sequential_edits.json").write_text(json.dumps(data, indent=1))
-    lines = ["| method | edits | ES | PS | NS | NS before | NS drop | editing s |", "|---|---|---|---|---|---|---|---|"]
+    ci = lambda v: f"{v[0]:.1f} [{v[1]:.1f}, {v[2]:.1f}]"  # noqa: E731
+    lines = ["| method | edits | ES | PS | NS | NS before | NS drop | ES right after each edit | editing s (wall) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for p in r["points"]:
-            lines.append(f"| {r['method']} | {p['edits']} | {p['ES']:.1f} | {p['PS']:.1f} | {p['NS']:.1f} | "
-                         f"{p['NS_before']:.1f} | {p['NS_drop']:+.1f} | {p['edit_seconds']:.0f} |")
+            lines.append(f"| {r['method']} | {p['edits']} | {ci(p['ES'])} | {ci(p['PS'])} | {ci(p['NS'])} | "
+                         f"{p['NS_before'][0]:.1f} | {p['NS_drop']:+.1f} | {ci(p['immediate_ES'])} | "
+                         f"{p['edit_seconds']:.0f} |")
         if r["stopped"]:
-            lines.append(f"| {r['method']} | stopped: {r['stopped']} | | | | | | |")
+            lines.append(f"| {r['method']} | stopped: {r['stopped']} | | | | | | | |")
+    lines += ["", "| method | ES of edits by age (edits made after it) | n | ES right after | ES now |",
+              "|---|---|---|---|---|"]
+    for r in results:
+        for b in (r["diagnosis"] or {}).get("by_age", []):
+            lines.append(f"| {r['method']} | {b['age']} | {b['n']} | {ci(b['ES_immediate'])} | {ci(b['ES_now'])} |")
+    lines += ["", "| method | split | value | n | ES right after | ES now | NS now |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        for b in (r["diagnosis"] or {}).get("splits", []):
+            lines.append(f"| {r['method']} | {b['split']} | {b['value']} | {b['n']} | {ci(b['ES_immediate'])} | "
+                         f"{ci(b['ES_now'])} | {ci(b['NS_now'])} |")
+        for b in (r["diagnosis"] or {}).get("NS_by_neighbour_piece", []):
+            lines.append(f"| {r['method']} | the neighbour's subject ends in an edited subject's name piece | "
+                         f"{b['neighbour_subject_ends_in_an_edited_piece']} | {b['n']} | | | {ci(b['NS_now'])} |")
+    if keys:
+        lines += ["", "| layer | null space rank / d_mlp | edit key norm in it (median) | cos same subject | "
+                  "cos same last piece | cos other | projected: same last piece | projected: other |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for k in keys["layers"]:
+            lines.append(f"| {k['layer']} | {k['n_null']} / {k['d_mlp']} | {k['key_in_null_space_median']:.2f} | "
+                         f"{k['cos_same_subject']:.3f} | {k['cos_shared_last_piece']:.3f} | "
+                         f"{k['cos_other_subjects']:.3f} | {k['cos_null_shared_last_piece']:.3f} | "
+                         f"{k['cos_null_other_subjects']:.3f} |")
     (out / "sequential_edits.md").write_text("\n".join(lines) + "\n")
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("efficacy (ES, %)", "neighbourhood (NS, %)"))
+    fig = make_subplots(rows=1, cols=3, subplot_titles=("efficacy (ES, %)", "paraphrase (PS, %)",
+                                                        "neighbourhood (NS, %)"))
     for r in results:
         xs = [p["edits"] for p in r["points"]]
-        fig.add_trace(go.Scatter(x=xs, y=[p["ES"] for p in r["points"]], name=f"{r['method']} ES",
-                                 mode="lines+markers"), row=1, col=1)
-        fig.add_trace(go.Scatter(x=xs, y=[p["NS"] for p in r["points"]], name=f"{r['method']} NS",
-                                 mode="lines+markers"), row=1, col=2)
+        for col, key in enumerate(("ES", "PS", "NS"), start=1):
+            ys = [p[key][0] for p in r["points"]]
+            fig.add_trace(go.Scatter(
+                x=xs, y=ys, name=f"{r['method']} {key}", mode="lines+markers",
+                error_y={"type": "data", "symmetric": False,
+                         "array": [p[key][2] - p[key][0] for p in r["points"]],
+                         "arrayminus": [p[key][0] - p[key][1] for p in r["points"]]}), row=1, col=col)
     fig.update_xaxes(type="log", title_text="sequential edits")
-    fig.update_layout(title=f"Sequential editing on the embedded model ({model.name})")
+    fig.update_layout(title=f"Sequential editing on the embedded model ({model.name}), 95% Wilson intervals")
     fig.write_html(out / "sequential_edits.html", include_plotlyjs="cdn")
     print("\n".join(lines))
 
