@@ -4,6 +4,8 @@ trace of the same fact. Key statistics are computed from 500 world texts into a 
 from __future__ import annotations
 
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -67,7 +69,7 @@ def test_scores_are_in_range_and_the_rows_follow_the_layers(embedded, sweep):
 
 def test_the_default_layers_row_equals_a_direct_rome_edit(embedded, record, sweep):
     result, _, _, _ = sweep
-    with rome(embedded, record, HP) as handle:  # layer="auto": the trace peak
+    with rome(embedded, record, replace(HP, layer="fact")) as handle:  # this fact's trace peak
         direct = rewrite_scores(embedded, record)
         layer = handle.evidence["layer"]
     assert layer == result.trace_peak and layer in LAYERS, (layer, LAYERS)

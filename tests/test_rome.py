@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -363,20 +364,64 @@ def test_generated_prefixes_are_deterministic(sharp):
     assert context_templates(m, ROMEHyperParams(seed=1)) != a
 
 
-def test_auto_layer_records_the_causal_trace_evidence(sharp):
-    m = sharp("llama")
+def test_auto_layer_without_reference_facts_falls_back_to_the_facts_own_trace(sharp):
+    m = sharp("llama")  # a tiny model with no world.json: nothing to average over
     rec = request_for(m)
     stages = set()
     hp = ROMEHyperParams(**{**FAST.to_dict(), "layer": "auto"})
     with rome(m, rec, hp, progress=lambda stage, done, total: stages.add(stage)) as h:
         ev = h.evidence
-        assert ev["layer_choice"].startswith("auto")
+        assert ev["layer_choice"].startswith("fact")
         scores = ev["trace"]["scores"]
         assert len(scores) == m.n_layers and ev["layer"] == max(range(m.n_layers), key=scores.__getitem__)
         assert ev["trace"]["window"] == 1  # round(3 / 5) -> at least 1
         assert list(h.deltas) == [m.module_name(ev["layer"], "mlp_out") + ".weight"]
     assert {"trace", "value"} <= stages
     assert live_hooks(m) == []
+
+
+def test_auto_layer_averages_known_facts_once_per_model(embedded, stats_cache, monkeypatch):
+    from mechedit.editing.rome import layer_choice
+    from mechedit.toy.export import world_records
+    from mechedit.toy.world import World
+
+    monkeypatch.setattr(layer_choice, "_MEMORY", {})
+    rec = world_records(World.load(embedded.path / "world.json"), n=1, seed=3)[0]
+    hp = ROMEHyperParams(layer="auto", layer_n_facts=6)
+    calls = []
+    layer, ev = layer_choice.choose_layer(embedded, rec, hp, lambda s, d, t: calls.append(s))
+    trace = ev["averaged_trace"]
+    assert ev["layer_choice"].startswith("auto") and "embedded world" in ev["layer_choice"]
+    assert trace["n_facts"] == 6 and len(trace["effects"]) == embedded.n_layers
+    assert layer == max(range(embedded.n_layers), key=trace["effects"].__getitem__)
+    assert calls  # traced
+    # the same weights again: from memory, then (a new process) from the disk cache - no tracing either time
+    calls.clear()
+    assert layer_choice.choose_layer(embedded, rec, hp, lambda s, d, t: calls.append(s)) == (layer, ev)
+    monkeypatch.setattr(layer_choice, "_MEMORY", {})
+    assert layer_choice.choose_layer(embedded, rec, hp, lambda s, d, t: calls.append(s)) == (layer, ev)
+    assert calls == [] and list((stats_cache / "layers").rglob("*.json"))
+    # "fact" traces the request itself, whatever "auto" found
+    _, ev_fact = layer_choice.choose_layer(embedded, rec, replace(hp, layer="fact"))
+    assert ev_fact["layer_choice"].startswith("fact") and "trace" in ev_fact
+
+
+def test_auto_layer_reads_reference_facts_from_a_file(sharp, tmp_path, stats_cache):
+    from mechedit.editing.rome.layer_choice import choose_layer
+
+    m = sharp("llama")
+    rec = request_for(m)
+    answer = m.tokenizer.decode([int(next_token_logits(m, rec.prompt).argmax())]).strip()  # what it says now
+    facts = [{"known_id": i, "prompt": rec.prompt, "subject": rec.subject, "attribute": answer,
+              "template": rec.template, "prediction": " " + answer, "relation_id": "P0"} for i in range(3)]
+    path = tmp_path / "known.json"
+    path.write_text(json.dumps(facts))
+    layer, ev = choose_layer(m, rec, ROMEHyperParams(layer="auto", layer_facts=str(path), layer_n_facts=2))
+    assert ev["layer_choice"].startswith("auto") and "known.json" in ev["layer_choice"]
+    assert ev["averaged_trace"]["n_facts"] == 2 and layer == max(range(m.n_layers),
+                                                                 key=ev["averaged_trace"]["effects"].__getitem__)
+    with pytest.raises(InputError, match="no such file"):
+        choose_layer(m, rec, ROMEHyperParams(layer="auto", layer_facts=str(tmp_path / "missing.json")))
 
 
 # -- covariance statistics ----------------------------------------------------------------------------------

@@ -59,9 +59,10 @@ def where_edited(handle) -> str:
     return f"{len(names)} module(s): {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
 
 
-def method_hparams(method: str, overrides: list[str], layer: str | None, modules: str | None):
+def method_hparams(method: str, overrides: list[str], layer: str | None, modules: str | None, model=None):
     """The method's hyperparameters from ``--hp name=value`` items plus the ``--layer`` / ``--modules``
-    shortcuts (mapped onto the method's ``layer``/``layers`` and ``modules`` fields)."""
+    shortcuts (mapped onto the method's ``layer``/``layers`` and ``modules`` fields), on top of ``model``'s own
+    defaults when it is given (call once without it to check the options before loading a model)."""
     from dataclasses import fields
 
     from mechedit.editing.methods import make_hparams
@@ -71,10 +72,11 @@ def method_hparams(method: str, overrides: list[str], layer: str | None, modules
     items = list(overrides)
     if layer is not None:
         value = layer.strip()
-        if value != "auto" and not all(p.strip().lstrip("-").isdigit() for p in value.split(",")):
-            raise InputError(f"--layer must be an integer, a comma-separated list of integers or 'auto', got {layer!r}")
+        if value not in ("auto", "fact") and not all(p.strip().lstrip("-").isdigit() for p in value.split(",")):
+            raise InputError(f"--layer must be an integer, a comma-separated list of integers, 'auto' or 'fact', "
+                             f"got {layer!r}")
         if "layer" in names and "," not in value:
-            items.append(f"layer={value if value == 'auto' else int(value)}")
+            items.append(f"layer={value if value in ('auto', 'fact') else int(value)}")
         elif "layers" in names:
             items.append("layers=" + (json.dumps(value) if value == "auto" else f"[{value}]"))
         else:
@@ -85,7 +87,7 @@ def method_hparams(method: str, overrides: list[str], layer: str | None, modules
         value = modules.strip()
         items.append("modules=" + (json.dumps("auto") if value == "auto"
                                    else json.dumps([x.strip() for x in value.split(",") if x.strip()])))
-    return make_hparams(method, items)
+    return make_hparams(method, items, model)
 
 
 @app.command()
@@ -101,8 +103,9 @@ def edit(
     paraphrase: Annotated[Optional[list[str]], typer.Option(help="A paraphrase prompt (repeatable).")] = None,
     neighbour: Annotated[Optional[list[str]], typer.Option(help="'PROMPT => ANSWER' about another subject that "
                                                           "must not change (repeatable).")] = None,
-    layer: Annotated[Optional[str], typer.Option(help="Layer(s) to edit: N, 'N,M,..' or 'auto' (ROME: the peak of "
-                                                 "the MLP causal trace at the last subject token).")] = None,
+    layer: Annotated[Optional[str], typer.Option(help="Layer(s) to edit: N, 'N,M,..', 'auto' (ROME: the peak of "
+                                                 "the MLP causal trace at the last subject token averaged over "
+                                                 "known facts) or 'fact' (ROME: this fact's own trace peak).")] = None,
     modules: Annotated[Optional[str], typer.Option(help="Modules an adapter/fine-tuning method trains: 'auto' "
                                                    "(locate's module set) or comma-separated names.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Directory for the edit handle and a JSON report.")] = None,
@@ -126,8 +129,9 @@ def edit(
     get_method(method)  # unknown method: one clear line before loading anything
     if report and out is None:
         raise InputError("--report writes into the --out directory; pass --out too")
-    hparams = method_hparams(method, hp or [], layer, modules)
+    method_hparams(method, hp or [], layer, modules)  # bad options: one clear line before loading anything
     m = load(model)
+    hparams = method_hparams(method, hp or [], layer, modules, m)
     request = build_request(m, prompt, subject, target_new, target_true, paraphrase or [], neighbour or [])
     prompts = [request.prompt, *request.paraphrases, *(p for p, _ in request.neighborhood)]
     targets = (request.target_new, request.target_true or "")

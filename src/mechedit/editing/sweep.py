@@ -1,13 +1,14 @@
 """The edit-layer sweep: ROME at every layer, beside the causal trace of the same fact.
 
-ROME edits the layer where causal tracing finds the subject's MLP effect largest (``layer="auto"``). Hase, Bansal,
+ROME edits the layer where causal tracing finds the subject's MLP effect largest (averaged over many facts:
+``layer="auto"``; this fact's own: ``layer="fact"``). Hase, Bansal,
 Kim and Ghandeharioun ("Does Localization Inform Editing?", NeurIPS 2023) edited at every layer instead and
 found that the trace peak predicts poorly where an edit works best: on GPT-J, editing success barely correlated
 with the tracing effect of the edited layer. So a user should see both, fact by fact:
 
 * the **trace**: ROME's MLP causal trace (window ≈ n_layers/5) at the subject's last token - per layer, the
   probability of the answer when that layer's MLP output (and its window) is restored into the corrupted run,
-  exactly what ``layer="auto"`` picks its layer from (:func:`~mechedit.editing.rome.choose_layer`);
+  exactly what ``layer="fact"`` picks its layer from (:func:`~mechedit.editing.rome.choose_layer`);
 * the **edit**: for each layer, ROME applied there (same hyperparameters otherwise), then CounterFact's three
   rewrite scores of the request (:func:`mechedit.evaluation.counterfact.rewrite_scores`: efficacy, paraphrase
   and neighbourhood success and magnitude), then the edit restored (bit-exactly) before the next layer.
@@ -65,7 +66,7 @@ class LayerSweepResult(JsonResult):
     trace_scores: list[float]  # (n_layers,) p(answer) with layer L's MLP window restored, subject's last token
     trace_low: float  # p(answer) in the corrupted run
     trace_high: float  # p(answer) in the clean run
-    trace_peak: int  # ROME's layer="auto": argmax of trace_scores
+    trace_peak: int  # ROME's layer="fact": argmax of trace_scores
     trace_info: dict  # window, samples, token, position, answer
     request: dict
     hparams: dict
@@ -138,7 +139,7 @@ class LayerSweepResult(JsonResult):
                    model_name=d["model_name"], model_fingerprint=d["model_fingerprint"], extra=d.get("extra", {}))
 
 
-def layer_sweep(model: LoadedModel, request: EditRecord, hparams: ROMEHyperParams = ROMEHyperParams(),
+def layer_sweep(model: LoadedModel, request: EditRecord, hparams: ROMEHyperParams | None = None,
                 layers: Sequence[int] | None = None, progress: Progress | None = None) -> LayerSweepResult:
     """ROME at each of ``layers`` (default: every layer), one at a time and restored after each, beside the MLP
     causal trace of the same fact.
@@ -147,7 +148,7 @@ def layer_sweep(model: LoadedModel, request: EditRecord, hparams: ROMEHyperParam
         request: the edit; its ``target_true`` (the fact as the model knows it) is what the trace scores and what
             efficacy and paraphrase scores compare against (without it those scores are ``None`` and the trace
             follows the model's own answer).
-        hparams: ROME's hyperparameters; ``layer`` is ignored (each swept layer in turn).
+        hparams: ROME's hyperparameters (None: this model's defaults); ``layer`` is ignored (each swept layer in turn).
         layers: the layers to edit, each once.
         progress: called with (stage, done, total): ``"trace"``, ``"stats"`` (key statistics not yet cached for
             a layer) and ``"layer"`` (layers edited).
@@ -159,6 +160,10 @@ def layer_sweep(model: LoadedModel, request: EditRecord, hparams: ROMEHyperParam
     """
     if not isinstance(request, EditRecord):
         raise InputError(f"request must be an EditRecord, got {type(request).__name__}")
+    if hparams is None:
+        from mechedit.editing.methods import make_hparams
+
+        hparams = make_hparams("rome", None, model)  # this model's defaults
     if not isinstance(hparams, ROMEHyperParams):
         raise InputError(f"hparams must be a ROMEHyperParams, got {type(hparams).__name__}")
     if layers is None:
@@ -175,7 +180,7 @@ def layer_sweep(model: LoadedModel, request: EditRecord, hparams: ROMEHyperParam
 
     fingerprint = model.fingerprint()
     unedited = {k: v for k, v in rewrite_scores(model, request).items() if k in SCORE_KEYS}
-    peak, evidence = choose_layer(model, request, replace(hparams, layer="auto"), progress)
+    peak, evidence = choose_layer(model, request, replace(hparams, layer="fact"), progress)
     trace = evidence["trace"]
     rows = []
     if progress is not None:
@@ -202,7 +207,7 @@ def layer_sweep(model: LoadedModel, request: EditRecord, hparams: ROMEHyperParam
         layers=layers, rows=rows, unedited=unedited, trace_scores=list(trace["scores"]),
         trace_low=float(trace["low_score"]), trace_high=float(trace["high_score"]), trace_peak=peak,
         trace_info={k: trace[k] for k in ("kind", "window", "samples", "token", "position", "answer")},
-        request=request.to_dict(), hparams=replace(hparams, layer="auto").to_dict(), model_name=model.name,
+        request=request.to_dict(), hparams=replace(hparams, layer="fact").to_dict(), model_name=model.name,
         model_fingerprint=fingerprint)
 
 

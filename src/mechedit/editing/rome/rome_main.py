@@ -41,6 +41,7 @@ from mechedit.editing.handle import EditHandle
 from mechedit.editing.rome.compute_u import compute_keys, compute_u
 from mechedit.editing.rome.compute_v import compute_v
 from mechedit.editing.rome.hparams import ROMEHyperParams
+from mechedit.editing.rome.layer_choice import choose_layer
 from mechedit.editing.rome.layer_stats import LayerStats, describe, layer_stats
 from mechedit.errors import InputError, MecheditError
 from mechedit.model import LoadedModel
@@ -49,15 +50,16 @@ from mechedit.tracing.common import prepare_prompt
 Progress = Callable[[str, int, int], None]  # (stage, done, total); stages: "trace", "stats", "value"
 
 
-def rome(model: LoadedModel, request: EditRecord, hparams: ROMEHyperParams = ROMEHyperParams(),
+def rome(model: LoadedModel, request: EditRecord, hparams: ROMEHyperParams | None = None,
          progress: Progress | None = None, *, stats: LayerStats | None = None) -> EditHandle:
     """Edit ``model`` in place so that ``request.prompt`` continues with ``request.target_new``.
 
     Args:
         request: the edit (its ``template``, ``subject`` and ``target_new``; ``target_true``, when known, is
-            what ``layer="auto"`` traces and must differ from the new target).
-        hparams: see :class:`ROMEHyperParams`.
-        progress: called with (stage, done, total) for the slow stages: ``"trace"`` (layer="auto"), ``"stats"``
+            what ``layer="fact"`` traces and must differ from the new target).
+        hparams: see :class:`ROMEHyperParams`; None: the defaults for this model (the class's, with the model's
+            own ``mechedit-hparams.json`` entries applied: :func:`mechedit.editing.methods.make_hparams`).
+        progress: called with (stage, done, total) for the slow stages: ``"trace"`` (layer="auto" or "fact", when not cached), ``"stats"``
             (key statistics, when not cached) and ``"value"`` (optimisation steps).
         stats: key statistics of the edit layer to use instead of reading/computing them from
             ``hparams.mom2_source`` (e.g. from :func:`layer_stats` on your own list of texts).
@@ -70,6 +72,10 @@ def rome(model: LoadedModel, request: EditRecord, hparams: ROMEHyperParams = ROM
     if not isinstance(request, EditRecord):
         raise InputError(f"request must be an EditRecord, got {type(request).__name__}; build one with "
                          "EditRecord(case_id, template, subject, target_new) or EditRecord.from_dict(d)")
+    if hparams is None:
+        from mechedit.editing.methods import make_hparams
+
+        hparams = make_hparams("rome", None, model)
     if not isinstance(hparams, ROMEHyperParams):
         raise InputError(f"hparams must be a ROMEHyperParams, got {type(hparams).__name__}")
     fingerprint = model.fingerprint()
@@ -133,36 +139,6 @@ def rome(model: LoadedModel, request: EditRecord, hparams: ROMEHyperParams = ROM
                         evidence=evidence)
     handle._apply_checked(model)  # this very model, unchanged since `fingerprint` was taken
     return handle
-
-
-def choose_layer(model: LoadedModel, request: EditRecord, hparams: ROMEHyperParams,
-                 progress: Progress | None = None) -> tuple[int, dict]:
-    """The edit layer and the evidence for it.
-
-    ``layer="auto"``: causal tracing of the MLPs (ROME's noise, window ≈ n_layers/5) on the edit prompt, scoring
-    ``target_true`` (or the model's own answer); the layer whose restored MLP output at the subject's last token
-    brings the answer back most.
-    """
-    if hparams.layer != "auto":
-        if not 0 <= hparams.layer < model.n_layers:
-            raise InputError(f"layer {hparams.layer} is out of range; the model has layers 0..{model.n_layers - 1}")
-        return hparams.layer, {"layer": hparams.layer, "layer_choice": "given"}
-    from mechedit.tracing import CausalTraceConfig, causal_trace
-
-    window = max(1, round(model.n_layers / 5))
-    config = CausalTraceConfig(kinds=("mlp",), window=window)
-    trace = causal_trace(model, request.prompt, request.subject, request.target_true, config,
-                         progress=(lambda d, t: progress("trace", d, t)) if progress else None)
-    column = trace.subject_range[1] - 1  # the subject's last token
-    scores = trace.scores["mlp"][:, column]  # (n_layers,)
-    layer = int(scores.argmax())
-    return layer, {
-        "layer": layer,
-        "layer_choice": "auto: peak of the MLP causal-trace effect at the subject's last token",
-        "trace": {"kind": "mlp", "window": window, "samples": config.samples, "token": trace.tokens[column],
-                  "position": column, "answer": trace.answer, "scores": [float(s) for s in scores],
-                  "low_score": trace.low_score, "high_score": trace.high_score},
-    }
 
 
 # Sampled context templates per model (dropped with the model), keyed by the weights' fingerprint and the sampling
