@@ -65,3 +65,37 @@ def test_every_method_runs_from_the_cli_on_tiny_configs(method, arch, tiny_dir, 
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert EditHandle.load(tmp_path / "out" / "edit").method == method
+
+
+# -- a model's own defaults (mechedit-hparams.json) --------------------------------------------------------------
+
+
+def test_model_defaults_sit_under_the_callers_overrides(embedded, tmp_path):
+    from mechedit.editing.methods import MODEL_HPARAMS_FILE, make_hparams, model_defaults
+    from mechedit.editing.rome import ROMEHyperParams
+
+    own = model_defaults(embedded, "rome")
+    assert own and (embedded.path / MODEL_HPARAMS_FILE).is_file()  # the embedded model ships its own
+    hp = make_hparams("rome", None, embedded)
+    assert all(getattr(hp, k) == v for k, v in own.items()) and hp != ROMEHyperParams()
+    assert make_hparams("rome", None) == ROMEHyperParams()  # no model: the class defaults
+    assert make_hparams("rome", {"clamp_norm_factor": 3.0}, embedded).clamp_norm_factor == 3.0  # caller wins
+    assert make_hparams("rome", ["layer=2"], embedded).clamp_norm_factor == own["clamp_norm_factor"]
+    given = ROMEHyperParams(layer=1)
+    assert make_hparams("rome", given, embedded) is given  # an object is used as it is
+    assert model_defaults(embedded, "lora") == {}
+
+
+def test_a_broken_model_defaults_file_is_one_clear_error(tmp_path):
+    from types import SimpleNamespace
+
+    from mechedit.editing.methods import MODEL_HPARAMS_FILE, make_hparams
+    from mechedit.errors import DataFormatError
+
+    model = SimpleNamespace(path=tmp_path)
+    for text, match in (("{not json", "not readable"), ('{"rome": 3}', "must map"),
+                        ('{"rome": {"no_such_field": 1}}', "no_such_field"),
+                        ('{"rome": {"clamp_norm_factor": -1}}', "clamp_norm_factor")):
+        (tmp_path / MODEL_HPARAMS_FILE).write_text(text)
+        with pytest.raises(DataFormatError, match=match):
+            make_hparams("rome", None, model)

@@ -103,8 +103,9 @@ def eval_command(
     spec = get_method(method)  # an unknown method fails here, before the model loads
     if n <= 0:
         raise InputError(f"-n must be a positive number of records, got {n}")
-    hparams = method_hparams(method, hp or [], layer, modules)
+    method_hparams(method, hp or [], layer, modules)  # bad options: one clear line before loading anything
     m = load(model)
+    hparams = method_hparams(method, hp or [], layer, modules, m)
     records = pick_records(m, data, n, seed)
     evaluator = Evaluator(m, EvalConfig(generation=generation))
     single = one_at_a_time or not spec.batched

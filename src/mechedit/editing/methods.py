@@ -10,16 +10,24 @@ only when used.
 >>> m = mechedit.load()                                                       # doctest: +SKIP
 >>> with edit(m, [request], "lora", {"rank": 4}) as handle:                  # doctest: +SKIP
 ...     ...
+
+**A model's own defaults.** ROME kept one hyperparameter file per model (``hparams/ROME/gpt2-xl.json``, ...): a
+setting tuned on GPT-2 XL is not always right for another model. A model directory may carry
+``mechedit-hparams.json``, ``{"<method>": {"<field>": value, ...}, ...}``; :func:`make_hparams` given the model
+starts from the class defaults with that model's entries applied, and the caller's overrides go on top. Every
+edit handle records the full hyperparameters it was made with. The embedded model ships one (its
+``clamp_norm_factor`` for ROME: see ``docs/results/rome-embedded``).
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from mechedit.data import EditRecord
-from mechedit.errors import InputError
+from mechedit.errors import DataFormatError, InputError
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -78,18 +86,45 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def make_hparams(method: str, hparams=None):
+MODEL_HPARAMS_FILE = "mechedit-hparams.json"
+
+
+def model_defaults(model, method: str) -> dict:
+    """``method``'s entries in the model directory's ``mechedit-hparams.json`` ({} when there is none)."""
+    path = getattr(model, "path", None)
+    path = path / MODEL_HPARAMS_FILE if path is not None else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataFormatError(f"{path}: not readable as JSON ({e})") from None
+    entry = table.get(method, {}) if isinstance(table, dict) else None
+    if not isinstance(entry, dict):
+        raise DataFormatError(f"{path}: must map method names to {{field: value}} objects")
+    return entry
+
+
+def make_hparams(method: str, hparams=None, model=None):
     """``hparams`` as the method's hyperparameter object: None (defaults), a dict or ``["k=v", ...]``
-    (overrides of the defaults), or already the right dataclass."""
+    (overrides of the defaults), or already the right dataclass (used as it is). Given ``model``, the defaults
+    are the class's with the model's own entries (``mechedit-hparams.json``) applied."""
     _, cls = get_method(method).load()
-    if hparams is None:
-        return cls()
     if isinstance(hparams, cls):
         return hparams
-    if isinstance(hparams, (dict, list, tuple)):
-        return cls().with_overrides(hparams if isinstance(hparams, dict) else list(hparams))
-    raise InputError(f"hyperparameters for {method} must be a {cls.__name__}, a dict or a list of 'name=value', "
-                     f"got {type(hparams).__name__}")
+    if hparams is not None and not isinstance(hparams, (dict, list, tuple)):
+        raise InputError(f"hyperparameters for {method} must be a {cls.__name__}, a dict or a list of "
+                         f"'name=value', got {type(hparams).__name__}")
+    base = cls()
+    own = model_defaults(model, method) if model is not None else {}
+    if own:
+        try:
+            base = base.with_overrides(own)
+        except InputError as e:
+            raise DataFormatError(f"{model.path / MODEL_HPARAMS_FILE}: {method}: {e}") from None
+    if hparams is None:
+        return base
+    return base.with_overrides(hparams if isinstance(hparams, dict) else list(hparams))
 
 
 def edit(model, requests: EditRecord | Sequence[EditRecord], method: str = "rome", hparams=None,
@@ -101,7 +136,7 @@ def edit(model, requests: EditRecord | Sequence[EditRecord], method: str = "rome
     """
     spec = get_method(method)
     fn, _ = spec.load()
-    hp = make_hparams(method, hparams)
+    hp = make_hparams(method, hparams, model)
     reqs = [requests] if isinstance(requests, EditRecord) else list(requests)
     if not reqs or not all(isinstance(r, EditRecord) for r in reqs):
         raise InputError("requests must be one EditRecord or a non-empty list of them")

@@ -50,6 +50,9 @@ def build(out_dir: str | Path, cfg: ToyModelConfig = ToyModelConfig(), world_see
     tok.save_pretrained(tmp)
     world.save(tmp / "world.json")
     (tmp / "build.json").write_text(json.dumps(record, indent=1))
+    tuned = out_dir / "mechedit-hparams.json"  # the model's tuned editing defaults: kept (re-tune after a rebuild)
+    if tuned.is_file():
+        shutil.copy2(tuned, tmp / tuned.name)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
