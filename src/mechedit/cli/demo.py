@@ -42,15 +42,19 @@ def demo(
     print_trace_summary(trace)
     write_trace(trace, out / "trace")
 
-    typer.echo(f"\n2. Edit it: {request.prompt!r} -> {request.target_new!r} (ROME at the layer the trace "
-               "points to)")
+    typer.echo(f"\n2. Edit it: {request.prompt!r} -> {request.target_new!r} (ROME at the layer where this model "
+               "keeps facts: the MLP trace peak averaged over known facts, traced once per model)")
     world = World.load(m.path / "world.json")
     others = [(p, a) for p, a, f in world.recall_prompts("train") if f.subject != request.subject]
     control = [p for p, _ in random.Random(0).sample(others, min(n_control, len(others)))]
     prompts = [request.prompt, *request.paraphrases, *(p for p, _ in request.neighborhood)]
     targets = (request.target_new, request.target_true or "")
     before, before_ctl = answers(m, prompts, targets), answers(m, control)
-    with rome(m, request) as handle:
+    bar, progress = progress_bar("edit layer (averaged trace)")
+    with bar:
+        handle = rome(m, request, progress=lambda stage, done, total: progress(done, total) if stage == "trace"
+                      else None)
+    with handle:
         after, after_ctl = answers(m, prompts, targets), answers(m, control)
         handle.save(out / "edit")
         typer.echo(f"   edited layer {handle.evidence.get('layer')}; the edit is saved in {out / 'edit'}")
