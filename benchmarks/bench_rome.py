@@ -80,7 +80,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="model to load (default: the embedded model)")
     ap.add_argument("--records", type=int, default=6)
-    ap.add_argument("--layer", default="1", help="edit layer, or 'auto' (adds a causal trace to every edit)")
+    ap.add_argument("--layer", default="1", help="edit layer, or 'auto' (the model's averaged trace peak: traced by the "
+                    "warm-up edit, then cached) or 'fact' (adds a causal trace to every edit)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0, help="which records")
     ap.add_argument("--stats-samples", type=int, default=None, help="mom2_n_samples (default: ROME's hparams)")
@@ -90,16 +91,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import mechedit
-    from mechedit.editing import ROMEHyperParams, rome
+    from mechedit.editing import rome
+    from mechedit.editing.methods import make_hparams
     from mechedit.editing.rome import compute_v as cv
     from mechedit.editing.rome import layer_stats as ls
     from mechedit.editing.rome import rome_main
 
     m = mechedit.load(args.model)
-    layer = args.layer if args.layer == "auto" else int(args.layer)
+    layer = args.layer if args.layer in ("auto", "fact") else int(args.layer)
     stats_hp = {k: v for k, v in (("mom2_n_samples", args.stats_samples), ("mom2_max_tokens", args.stats_tokens))
                 if v is not None}
-    hp = ROMEHyperParams(layer=layer, **stats_hp)
+    hp = make_hparams("rome", {"layer": layer, **stats_hp}, m)  # the model's own defaults under these
     recs = records_for(m, args.records, args.seed)
     print(f"model:   {m.name} ({m.architecture}, {m.n_layers} layers, d_model {m.d_model}, d_mlp {m.d_mlp}, "
           f"vocabulary {m.d_vocab}); layer {layer}; torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
@@ -107,7 +109,7 @@ def main() -> None:
     # statistics once, outside the timing (and the first forwards' one-off allocations)
     warm = rome(m, recs[0], hp)
     warm.restore()
-    for lay in sorted({warm.evidence["layer"]} | ({layer} if layer != "auto" else set())):
+    for lay in sorted({warm.evidence["layer"]} | ({layer} if isinstance(layer, int) else set())):
         ls.layer_stats(m, lay, hp.mom2_source, hp.mom2_n_samples, max_tokens=hp.mom2_max_tokens, seed=hp.seed)
 
     fast_compute_v = rome_main.compute_v
