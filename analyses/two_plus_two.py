@@ -276,7 +276,13 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("docs/results/two-plus-two"))
+    ap.add_argument("--summarise", action="store_true",
+                    help="only rewrite the table and figure from --out/results.json (e.g. of a run cut short)")
     args = ap.parse_args()
+    if args.summarise:
+        saved = json.loads((args.out / "results.json").read_text())
+        write(args.out, saved["meta"], saved["rows"])
+        return
     torch.set_num_threads(args.threads)
     started, cpu_started = time.perf_counter(), time.process_time()
     model = mechedit.load(args.model)
@@ -309,7 +315,10 @@ def main() -> None:
             handle.restore()
         loads.append(os.getloadavg()[0])
         args.out.mkdir(parents=True, exist_ok=True)  # what is measured so far, in case the run is cut short
-        (args.out / "results.json").write_text(json.dumps({"meta": {"partial": True}, "rows": rows}, indent=1))
+        partial = {"partial": True, "model": model.name, "threads": torch.get_num_threads(),
+                   "seconds": round(time.perf_counter() - started, 1),
+                   "cpu_seconds": round(time.process_time() - cpu_started, 1)}
+        (args.out / "results.json").write_text(json.dumps({"meta": partial, "rows": rows}, indent=1))
         print(f"{method:18s} target {rows[method]['answers'][request.prompt]!r}  locality "
               f"{rows[method]['locality']['value']:.3f}  other sums {rows[method]['other_sums']['value']:.2f}  "
               f"{rows[method]['cpu_seconds']} CPU-s", flush=True)
@@ -323,17 +332,24 @@ def main() -> None:
         meta["suite"] = {"paraphrases": list(suite.paraphrases), "neighbours": list(suite.neighbours),
                          "sums": [list(x) for x in suite.sums], "facts": [list(x) for x in suite.facts],
                          "filler": list(suite.filler), "free": list(suite.free), "retention": list(RETENTION)}
-    (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    write(args.out, meta, rows)
+
+
+def write(out: Path, meta: dict, rows: dict) -> None:
+    """results.json, results.md (the table) and results.html/png (the figure) from the measured rows."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    request_prompt = next(iter(rows["unedited"]["answers"]))  # the request is asked first
     lines = [("| method | target \"5\" | paraphrases | exact-output locality | KL | other sums | "
               "neighbours unchanged | degenerate |"), "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         kl = f"{r['kl']:.3f}" + (f" [{r['kl_ci'][0]:.3f}, {r['kl_ci'][1]:.3f}]" if "kl_ci" in r else "")
-        lines.append(f"| {name} | {r['answers'][request.prompt]} | {fmt(r['paraphrases'])} | {fmt(r['locality'])} "
+        lines.append(f"| {name} | {r['answers'][request_prompt]} | {fmt(r['paraphrases'])} | {fmt(r['locality'])} "
                      f"| {kl} | {fmt(r['other_sums'])} | {fmt(r['neighbours_unchanged'])} | "
                      f"{fmt(r['degenerate'])} |")
-    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(json.dumps({k: meta[k] for k in ("threads", "seconds", "cpu_seconds", "load_average_mean")}))
+    print(json.dumps({k: meta.get(k) for k in ("threads", "seconds", "cpu_seconds", "load_average_mean")}))
 
     import plotly.graph_objects as go
 
@@ -348,10 +364,9 @@ def main() -> None:
                     error_y={"type": "data", "symmetric": False,
                              "array": [rows[n][key]["hi"] - rows[n][key]["value"] for n in names],
                              "arrayminus": [rows[n][key]["value"] - rows[n][key]["lo"] for n in names]})
-    fig.update_layout(barmode="group", title=f'"2+2=" -> "5" on {model.name}: what else moved (95% Wilson '
-                      "intervals)", yaxis={"range": [0, 1.05]})
-    write_figures({"results": fig}, args.out)
-
+    fig.update_layout(barmode="group", title=f'"2+2=" -> "5" on {meta.get("model") or "the model"}: what else '
+                      "moved (95% Wilson intervals)", yaxis={"range": [0, 1.05]})
+    write_figures({"results": fig}, out)
 
 if __name__ == "__main__":
     main()
