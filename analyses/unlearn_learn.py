@@ -64,6 +64,7 @@ import torch
 
 import mechedit.editing  # noqa: F401 - before mechedit.evaluation (importing it first is circular)
 from mechedit.evaluation.stats import rate_over_units, wilson
+from mechedit.evaluation.text import has_loop, words
 
 MODELS = ("embedded", "smollm2")
 PUBLISHED = "published run (project seed, a real LM): F2 98.5%, F1 forget 96%, control 72%"
@@ -255,6 +256,12 @@ def forgetting_kind(forgot_on_edit_prompt: bool, reachable_elsewhere: list[bool]
     return "soft" if any(reachable_elsewhere) else "hard"
 
 
+def looping(text: str) -> bool:
+    """A continuation stuck in a loop: some word n-gram repeated (:func:`mechedit.evaluation.text.has_loop` on
+    words), e.g. " Rome Rome Rome Rome"."""
+    return has_loop(words(text))
+
+
 def rate(hits: list[bool]) -> dict:
     """One outcome per edit: the rate with its Wilson interval."""
     k, n = sum(bool(h) for h in hits), len(hits)
@@ -322,7 +329,7 @@ def measure(model, case: Case, controls: list[tuple[str, str]], n_tokens: int) -
 
     def hit(k: int, prompt: str, answer: str, kind: str) -> bool:
         # a question is answered in a sentence: its answer is judged on the continuation, a template on its token
-        lg, text = got[k]
+        _, text = got[k]
         if kind == "question":
             return mentions(text, answer)
         return top[k] == first_id(model, prompt, answer)
@@ -420,6 +427,7 @@ def load_cases(model_kind: str, model, n: int, seed: int, min_p: float) -> tuple
         a = answers(model, [c.record.prompt], (c.record.target_true,))[0]
         ok = a.target_probs[c.record.target_true] == a.top_prob
         (kept if ok else dropped).append(c)
+    n_known = len(kept)
     kept = kept[:n]
     # other-subject controls: every kept fact's prompt and same-subject facts, except the edited subject's
     controls_all = [(c.record.prompt, c.record.target_true, c.record.subject) for c in kept] + \
@@ -428,7 +436,7 @@ def load_cases(model_kind: str, model, n: int, seed: int, min_p: float) -> tuple
     for c in kept:
         ctl = [(p, a) for p, a, s in controls_all if s != c.record.subject]
         out.append(replace(c, meta={"controls": ctl}))
-    note = {"written": len(cases), "known": len(kept), "dropped": [c.record.prompt for c in dropped]}
+    note = {"written": len(cases), "known": n_known, "used": len(kept), "dropped": [c.record.prompt for c in dropped]}
     return out, [], note
 
 
@@ -452,13 +460,17 @@ def run(model_kind: str, args) -> None:
     conds = conditions(model_kind, uncertain, args.with_unsure)
     if args.methods:
         conds = {k: v for k, v in conds.items() if any(k.startswith(m) for m in args.methods.split(","))}
-    (out / "config.json").write_text(json.dumps({
-        "model": model.name, "model_fingerprint": model.fingerprint(), "n_cases": len(cases), "seed": args.seed,
-        "threads": torch.get_num_threads(), "gen_tokens": n_tokens, "locate_samples": args.locate_samples,
-        "uncertain_answer": uncertain, "conditions": conds, "selection": note}, indent=1, default=str))
+    if not args.case_ids or not (out / "config.json").exists():
+        (out / "config.json").write_text(json.dumps({
+            "model": model.name, "model_fingerprint": model.fingerprint(), "n_cases": len(cases), "seed": args.seed,
+            "threads": torch.get_num_threads(), "gen_tokens": n_tokens, "locate_samples": args.locate_samples,
+            "uncertain_answer": uncertain, "conditions": conds, "selection": note}, indent=1, default=str))
     print(f"{model_kind}: {len(cases)} cases, conditions {list(conds)}; {note}", flush=True)
+    wanted = {x.strip() for x in args.case_ids.split(",") if x.strip()}
     for k, case in enumerate(cases):
         r = case.record
+        if wanted and str(r.case_id) not in wanted:
+            continue
         ctl = controls or case.meta["controls"]
         todo = [c for c in conds if (r.case_id, c) not in done]
         if not todo:
@@ -495,14 +507,19 @@ def run(model_kind: str, args) -> None:
                 f"{len(a['same_subject'])} other={sum(a['other'])}/{len(a['other'])} "
                 f"({row['edit_cpu_seconds']:.1f} CPU-s)" if a else row["error"]), flush=True)
     meta = json.loads((out / "config.json").read_text())
-    meta["run_wall_seconds"] = round(time.time() - started, 1)
-    meta["run_cpu_seconds"] = round(time.process_time() - cpu0, 1)
+    meta.setdefault("runs", []).append({"case_ids": args.case_ids or "all", "wall_seconds": round(time.time() - started, 1),
+                                        "cpu_seconds": round(time.process_time() - cpu0, 1)})
     (out / "config.json").write_text(json.dumps(meta, indent=1, default=str))
     summarise(out)
 
 
 def summarise(out: Path) -> dict:
-    rows = [json.loads(x) for x in (out / "rows.jsonl").read_text().splitlines()]
+    rows, seen_rows = [], set()
+    for line in (out / "rows.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if (row["case_id"], row["condition"]) not in seen_rows:  # a case run twice counts once (the first)
+            seen_rows.add((row["case_id"], row["condition"]))
+            rows.append(row)
     conds = list(dict.fromkeys(r["condition"] for r in rows))
     summary = {}
     for name in ["unedited", *conds]:
@@ -530,11 +547,15 @@ def summarise(out: Path) -> dict:
             "f1_reach_paraphrase": rate_of_lists([x["f1_reach"].get("paraphrase", []) for x in a]),
             "f1_reach_question": rate_of_lists([x["f1_reach"].get("question", []) for x in a]),
             "f1_reach_context": rate_of_lists([x["f1_reach"].get("context", []) for x in a]),
-            "f1_top5_any_other": rate([any(k < 5 for v in x.get("f1_probe_rank", {}).values() for k in v)
-                                       for x in a]),
+            # a question's next token is the start of a sentence ("The ..."), not the answer: no rank there
+            "f1_top5_any_other": rate([any(k < 5 for kind, v in x.get("f1_probe_rank", {}).items()
+                                           if kind != "question" for k in v) for x in a]),
             "f1_reach_any_other": rate([any(any(v) for v in x["f1_reach"].values()) for x in a]),
             "soft_forgetting": rate([k == "soft" for k in kinds]),
             "hard_forgetting": rate([k == "hard" for k in kinds]),
+            "degenerate": rate([any(looping(t) for t in x["continuations"].values()) for x in a
+                                if sum(len(words(t)) for t in x.get("continuations", {}).values()) >= 5 * max(
+                                    1, len(x.get("continuations", {})))]),
             "control_same_subject": rate_of_lists([x["same_subject"] for x in a]),
             "control_other": rate_of_lists([x["other"] for x in a]),
             "control_all": rate_of_lists([x["same_subject"] + x["other"] for x in a]),
@@ -562,7 +583,8 @@ def table(summary: dict) -> str:
             ("F1 reached: context", "f1_reach_context"), ("F1 top-5 on another probe", "f1_top5_any_other"),
             ("soft forgetting", "soft_forgetting"),
             ("hard forgetting", "hard_forgetting"), ("controls: same subject", "control_same_subject"),
-            ("controls: other subjects", "control_other"), ("controls: all", "control_all")]
+            ("controls: other subjects", "control_other"), ("controls: all", "control_all"),
+            ("looping continuations", "degenerate")]
     used = [(h, k) for h, k in cols if any(s[k]["n"] for s in summary.values())]
     lines = ["| condition | edits | " + " | ".join(h for h, _ in used) + " | CPU-s/edit |",
              "|---|---|" + "---|" * len(used) + "---|"]
@@ -583,6 +605,8 @@ def main() -> None:
     ap.add_argument("--with-unsure", action="store_true", help="embedded: also unlearn towards 'I am not sure'")
     ap.add_argument("--methods", default="", help="comma-separated condition-name prefixes to run (default all)")
     ap.add_argument("--locate-samples", type=int, default=3, help="noise samples for locate (its default is 10)")
+    ap.add_argument("--case-ids", default="", help="comma-separated case ids to run (a share of the cases, e.g. "
+                    "for several processes appending to the same rows.jsonl)")
     ap.add_argument("--summarise", action="store_true", help="only rewrite summaries from rows.jsonl")
     ap.add_argument("--out", type=Path, default=Path("docs/results/unlearn-learn"))
     args = ap.parse_args()

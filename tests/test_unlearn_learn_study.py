@@ -96,3 +96,9 @@ def test_summarise_counts_soft_and_hard_forgetting(study, tmp_path):
     assert s["unedited"]["edits"] == 5 and s["unedited"]["f1_forget"]["k"] == 0  # one "before" per case
     assert s["unedited"]["f2_edit"]["k"] == 0
     assert "| x | 4 |" in (tmp_path / "table.md").read_text()
+
+
+def test_looping_flags_repeated_words_not_honest_text(study):
+    assert study.looping(" Rome Rome Rome Rome Rome Rome")
+    assert study.looping(" Rome, Italy. Rome, Italy. Rome, Italy.")
+    assert not study.looping(" Paris, France, and is a symbol of French culture")
