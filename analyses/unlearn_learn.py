@@ -534,8 +534,15 @@ def summarise(out: Path) -> dict:
         if not rs:
             continue
         a = [r["after"] for r in rs]
-        kinds = [forgetting_kind(not x["f1_on_edit_prompt"],
-                                 [any(v) for v in x["f1_reach"].values()] + [x["f1_rank"] < 5]) for x in a]
+        # soft forgetting, two readings: F1 gone from the edit prompt but still the greedy answer (or named in
+        # the continuation) of another probe; or that, or F1 still in the top 5 of the edit prompt or of another
+        # (non-question) probe
+        greedy_kinds = [forgetting_kind(not x["f1_on_edit_prompt"], [any(v) for v in x["f1_reach"].values()])
+                        for x in a]
+        top5_kinds = [forgetting_kind(not x["f1_on_edit_prompt"],
+                                      [any(v) for v in x["f1_reach"].values()] + [x["f1_rank"] < 5] +
+                                      [k < 5 for kind, v in x.get("f1_probe_rank", {}).items()
+                                       if kind != "question" for k in v]) for x in a]
         s = {
             "edits": len(rs), "errors": sum(1 for r in rows if r["condition"] == name and "error" in r),
             "f2_edit": rate([x["f2"]["edit"][0] for x in a]),
@@ -551,8 +558,9 @@ def summarise(out: Path) -> dict:
             "f1_top5_any_other": rate([any(k < 5 for kind, v in x.get("f1_probe_rank", {}).items()
                                            if kind != "question" for k in v) for x in a]),
             "f1_reach_any_other": rate([any(any(v) for v in x["f1_reach"].values()) for x in a]),
-            "soft_forgetting": rate([k == "soft" for k in kinds]),
-            "hard_forgetting": rate([k == "hard" for k in kinds]),
+            "soft_forgetting_greedy": rate([k == "soft" for k in greedy_kinds]),
+            "soft_forgetting": rate([k == "soft" for k in top5_kinds]),
+            "hard_forgetting": rate([k == "hard" for k in top5_kinds]),
             "degenerate": rate([any(looping(t) for t in x["continuations"].values()) for x in a
                                 if sum(len(words(t)) for t in x.get("continuations", {}).values()) >= 5 * max(
                                     1, len(x.get("continuations", {})))]),
@@ -576,22 +584,27 @@ def fmt(d: dict) -> str:
 
 
 def table(summary: dict) -> str:
-    cols = [("F2 edit prompt", "f2_edit"), ("F2 trained phrasings", "f2_trained"),
-            ("F2 unseen paraphrases", "f2_paraphrase"), ("F2 question", "f2_question"),
-            ("F1 forget rate", "f1_forget"), ("F1 still top-5", "f1_top5"),
-            ("F1 reached: paraphrase", "f1_reach_paraphrase"), ("F1 reached: question", "f1_reach_question"),
-            ("F1 reached: context", "f1_reach_context"), ("F1 top-5 on another probe", "f1_top5_any_other"),
-            ("soft forgetting", "soft_forgetting"),
-            ("hard forgetting", "hard_forgetting"), ("controls: same subject", "control_same_subject"),
-            ("controls: other subjects", "control_other"), ("controls: all", "control_all"),
-            ("looping continuations", "degenerate")]
-    used = [(h, k) for h, k in cols if any(s[k]["n"] for s in summary.values())]
-    lines = ["| condition | edits | " + " | ".join(h for h, _ in used) + " | CPU-s/edit |",
-             "|---|---|" + "---|" * len(used) + "---|"]
-    for name, s in summary.items():
-        cpu = s["edit_cpu_seconds_mean"]
-        lines.append(f"| {name} | {s['edits']} | " + " | ".join(fmt(s[k]) for _, k in used) +
-                     f" | {'' if cpu is None else f'{cpu:.1f}'} |")
+    """One row per measure, one column per condition (rates with their 95% intervals)."""
+    rows = [("F2: edit prompt", "f2_edit"), ("F2: trained phrasings", "f2_trained"),
+            ("F2: unseen paraphrases", "f2_paraphrase"), ("F2: question", "f2_question"),
+            ("F1 forget rate (edit prompt)", "f1_forget"), ("F1 still in top 5 (edit prompt)", "f1_top5"),
+            ("F1 reached: paraphrases", "f1_reach_paraphrase"), ("F1 reached: question", "f1_reach_question"),
+            ("F1 reached: context-primed", "f1_reach_context"), ("F1 reached: any other probe", "f1_reach_any_other"),
+            ("F1 in top 5 of another probe", "f1_top5_any_other"),
+            ("soft forgetting, greedy (gone from edit prompt, greedy answer of another probe)",
+             "soft_forgetting_greedy"),
+            ("**soft forgetting** (gone from edit prompt; greedy elsewhere or top 5 anywhere)", "soft_forgetting"),
+            ("hard forgetting (gone from edit prompt and not in any top 5)", "hard_forgetting"),
+            ("controls: same subject", "control_same_subject"), ("controls: other subjects", "control_other"),
+            ("**controls: all**", "control_all"), ("looping continuations", "degenerate")]
+    names = list(summary)
+    lines = ["| measure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names),
+             "| edits | " + " | ".join(str(summary[n]["edits"]) for n in names) + " |"]
+    for label, key in rows:
+        if any(summary[n].get(key, {}).get("n") for n in names):
+            lines.append(f"| {label} | " + " | ".join(fmt(summary[n].get(key)) for n in names) + " |")
+    cpu = [summary[n]["edit_cpu_seconds_mean"] for n in names]
+    lines.append("| CPU-s per edit (mean) | " + " | ".join("" if c is None else f"{c:.1f}" for c in cpu) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -73,9 +73,10 @@ def test_rate_of_lists_pools_counts_and_contains_the_pooled_wilson_interval(stud
 def test_summarise_counts_soft_and_hard_forgetting(study, tmp_path):
     import json
 
-    def after(forgot, reach, rank=50, f2=True):
+    def after(forgot, reach, rank=50, f2=True, probe_rank=(50, 50), question_rank=0):
         return {"f2": {"edit": [f2], "paraphrase": [f2, False]}, "f1_on_edit_prompt": not forgot, "f1_rank": rank,
                 "f1_reach": {"paraphrase": reach, "context": [False]}, "same_subject": [True, False],
+                "f1_probe_rank": {"paraphrase": list(probe_rank), "question": [question_rank]},
                 "other": [True, True, True]}
 
     before = after(False, [True, True], rank=0, f2=False)
@@ -85,17 +86,22 @@ def test_summarise_counts_soft_and_hard_forgetting(study, tmp_path):
         {"case_id": 2, "condition": "x", "before": before, "after": after(True, [False, False], rank=2)},  # soft
         {"case_id": 3, "condition": "x", "before": before, "after": after(False, [True, True])},  # kept
         {"case_id": 4, "condition": "x", "before": before, "error": "InputError: refused"},
+        # soft by a paraphrase's top 5 (the question's rank 0 does not count: its next token starts a sentence)
+        {"case_id": 5, "condition": "x", "before": before, "after": after(True, [False, False], probe_rank=(9, 3))},
+        {"case_id": 5, "condition": "x", "before": before, "after": after(False, [True, True])},  # a re-run: ignored
     ]
     (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     s = study.summarise(tmp_path)
     x = s["x"]
-    assert x["edits"] == 4 and x["errors"] == 1
-    assert (x["f1_forget"]["k"], x["soft_forgetting"]["k"], x["hard_forgetting"]["k"]) == (3, 2, 1)
-    assert x["f1_top5"]["k"] == 1
+    assert x["edits"] == 5 and x["errors"] == 1
+    assert (x["f1_forget"]["k"], x["soft_forgetting"]["k"], x["hard_forgetting"]["k"]) == (4, 3, 1)
+    assert x["soft_forgetting_greedy"]["k"] == 1  # only case 1 reaches F1 greedily
+    assert x["f1_top5"]["k"] == 1 and x["f1_top5_any_other"]["k"] == 1
     assert x["f2_edit"]["rate"] == 1.0
-    assert s["unedited"]["edits"] == 5 and s["unedited"]["f1_forget"]["k"] == 0  # one "before" per case
+    assert s["unedited"]["edits"] == 6 and s["unedited"]["f1_forget"]["k"] == 0  # one "before" per case
     assert s["unedited"]["f2_edit"]["k"] == 0
-    assert "| x | 4 |" in (tmp_path / "table.md").read_text()
+    table = (tmp_path / "table.md").read_text()
+    assert "| edits | 6 | 5 |" in table and "| measure | unedited | x |" in table
 
 
 def test_looping_flags_repeated_words_not_honest_text(study):
