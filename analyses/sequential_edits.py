@@ -233,7 +233,8 @@ def main() -> None:
     # and spans layers 0-2 (AlphaEdit's MEMIT range); docs/embedded-model.md.
     # Both use 5 context prefixes of 10 tokens (MEMIT's choice; ROME samples 20), so they see the same prompts.
     # Every hyperparameter either depends on is passed here and recorded in the results.
-    hparams = {"seq-rome": SequentialHyperParams(rome=ROMEHyperParams(layer=1, prefix_lengths=((10, 5),))),
+    hparams = {"seq-rome": SequentialHyperParams(rome=ROMEHyperParams(layer=1, prefix_lengths=((10, 5),),
+                                                                      clamp_norm_factor=4.0)),
                "alphaedit": SequentialHyperParams(memit=MEMITHyperParams(layers=(0, 1, 2)))}
     hparams["seq-rome"] = hparams["seq-rome"].with_overrides(args.seq_rome_hp)
     hparams["alphaedit"] = hparams["alphaedit"].with_overrides(args.alphaedit_hp)

@@ -16,7 +16,11 @@ Real use edits a model again and again. Two ways are here:
 
       ΔW_io = (P (K Kᵀ + K_p K_pᵀ) + α I)⁻¹ P K R        (K: this step's keys, R: the residual share, α = l2)
 
-  which lies in the range of ``P``.
+  which lies in the range of ``P``. One departure from the paper (``merge_subjects``, on by default): a step
+  that edits a subject edited before re-asserts that subject's earlier edits (they join the step, sharing one
+  value per subject as in a MEMIT batch, and their keys are taken out of ``K_p`` while it is solved). The key at
+  a subject's last token barely depends on the relation, so otherwise a second fact of the same subject is
+  written at a key the first one protects, and does not take.
 
 Both return *one* :class:`~mechedit.editing.EditHandle` whose deltas are the total change of every edited
 parameter (edited model minus original) and whose ``restore()`` puts the original back bit-exactly. The handle
@@ -116,7 +120,7 @@ class SequentialHyperParams(HyperParams):
             raise InputError(f"l2 must be a positive number, got {self.l2!r}")
         for name in ("protect_edits", "merge_subjects"):
             if not isinstance(getattr(self, name), bool):
-                raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
+                raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
