@@ -275,6 +275,8 @@ def rate_of_lists(lists: list[list[bool]]) -> dict:
     lists = [x for x in lists if x]
     if not lists:
         return {"rate": float("nan"), "lo": float("nan"), "hi": float("nan"), "k": 0, "n": 0}
+    if all(len(x) == 1 for x in lists):  # one outcome per edit after all: Wilson over edits
+        return rate([x[0] for x in lists])
     mean, lo, hi = rate_over_units([sum(x) / len(x) for x in lists], [len(x) for x in lists])
     return {"rate": mean, "lo": lo, "hi": hi, "k": sum(sum(x) for x in lists), "n": sum(len(x) for x in lists)}
 
@@ -409,7 +411,8 @@ def load_cases(model_kind: str, model, n: int, seed: int, min_p: float) -> tuple
         from mechedit.toy.export import embedded_world, world_records
 
         world = embedded_world()
-        pool = world_records(world, n=min(len(world.facts), 4 * n), seed=seed)
+        # a pool that does not depend on n (for n <= 40), so that a smaller n takes the first n facts of a larger one
+        pool = world_records(world, n=min(len(world.facts), max(160, 4 * n)), seed=seed)
         known = []
         for r in pool:
             a = answers(model, [r.prompt], (r.target_true,))[0]

@@ -108,3 +108,7 @@ def test_looping_flags_repeated_words_not_honest_text(study):
     assert study.looping(" Rome Rome Rome Rome Rome Rome")
     assert study.looping(" Rome, Italy. Rome, Italy. Rome, Italy.")
     assert not study.looping(" Paris, France, and is a symbol of French culture")
+
+
+def test_rate_of_lists_with_one_outcome_per_edit_is_the_wilson_rate(study):
+    assert study.rate_of_lists([[True], [False], [True], []]) == study.rate([True, False, True])
