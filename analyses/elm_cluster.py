@@ -33,7 +33,7 @@ import platform
 import random
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,7 +46,6 @@ from mechedit.results import JsonResult
 from mechedit.toy.export import world_records
 from mechedit.toy.quality import top1_accuracy
 from mechedit.toy.world import CLUSTER_MEMBER_TEMPLATES, CLUSTER_TEXT, World
-
 
 # "world": prompts in the only language the embedded model knows - a sentence about the cluster (expert) vs a filler
 # sentence about nothing (novice); "default": ELMHyperParams' "You are an expert on ..." pair, which the embedded
@@ -95,7 +94,7 @@ class ELMClusterStudy(JsonResult):
         return {"baseline": self.baseline, "runs": self.runs, "settings": self.settings}
 
     @classmethod
-    def from_json_dict(cls, d: dict) -> "ELMClusterStudy":
+    def from_json_dict(cls, d: dict) -> ELMClusterStudy:
         return cls(d["baseline"], d["runs"], d.get("settings", {}))
 
     def sorted_runs(self) -> list:
@@ -148,13 +147,13 @@ class ELMClusterStudy(JsonResult):
                 x, y = scores[f"other_{split}"], scores[f"cluster_{split}"]
                 fig.add_trace(go.Scatter(
                     x=[x["value"]], y=[y["value"]], mode="markers+text", text=[text], textposition="top right",
-                    textfont=dict(size=9), name=name, legendgroup=name, showlegend=False,
-                    marker=dict(size=11 if name == "unedited" else 9, color=colour, symbol=symbol),
-                    error_x=dict(type="data", symmetric=False, array=[x["hi"] - x["value"]],
-                                 arrayminus=[x["value"] - x["lo"]], thickness=1),
-                    error_y=dict(type="data", symmetric=False, array=[y["hi"] - y["value"]],
-                                 arrayminus=[y["value"] - y["lo"]], thickness=1)), row=1, col=col)
-            fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="lightgray"),
+                    textfont={"size": 9}, name=name, legendgroup=name, showlegend=False,
+                    marker={"size": 11 if name == "unedited" else 9, "color": colour, "symbol": symbol},
+                    error_x={"type": "data", "symmetric": False, "array": [x["hi"] - x["value"]],
+                                 "arrayminus": [x["value"] - x["lo"]], "thickness": 1},
+                    error_y={"type": "data", "symmetric": False, "array": [y["hi"] - y["value"]],
+                                 "arrayminus": [y["value"] - y["lo"]], "thickness": 1}), row=1, col=col)
+            fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dot", "color": "lightgray"},
                                      showlegend=False, hoverinfo="skip"), row=1, col=col)
         for name, colour, symbol in ([("unedited", "black", "star")]
                                      + [(f"{p} prompts", c, "circle") for p, c in colours.items()
@@ -162,7 +161,7 @@ class ELMClusterStudy(JsonResult):
                                      + [(f"layers {','.join(map(str, ls))}", "gray", symbols[i % 5])
                                         for i, ls in enumerate(layer_sets)]):
             fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name,
-                                     marker=dict(size=9, color=colour, symbol=symbol)))
+                                     marker={"size": 9, "color": colour, "symbol": symbol}))
         fig.update_xaxes(title_text="recall of other subjects' facts", range=[0.3, 1.02])
         fig.update_yaxes(title_text="recall of the cluster's facts", range=[0.0, 1.02])
         fig.update_layout(title="ELM erasure of the Harrowmere Circle: what is erased vs what is kept "
@@ -381,6 +380,13 @@ def smollm2_study(args) -> None:
             # P'(answer's first token) at the position that predicts it
             m, lo, hi = mean_ci([float(t[-k].exp()[x[-k]]) for t, x, k in zip(target, ids, n_answer)])
             contrast.append({"group": group, "eta": eta, "p_answer": m, "lo": lo, "hi": hi, "n": len(pairs)})
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"model": model.name, "hparams": hp.to_dict(), "before": before, "contrast": contrast}
+    if args.smollm2_check_only:  # the answers and the contrast, no edit
+        (args.out / "smollm2.json").write_text(json.dumps(result, indent=1))
+        print(json.dumps(contrast))
+        print(f"all {time.process_time() - cpu_start:.0f} CPU s")
+        return
     requests = [EditRecord(i, t, s, "?", a) for i, (t, s, a, _) in enumerate(FRANCE)]
     c0, t0 = time.process_time(), time.time()
     handle = edit(model, requests, "elm", hp)
@@ -389,13 +395,11 @@ def smollm2_study(args) -> None:
         after = state()
     finally:
         handle.restore()
-    result = {"model": model.name, "hparams": hp.to_dict(), "before": before, "after": after, "contrast": contrast,
-              "cpu_seconds_edit": round(cpu_edit, 1), "seconds_edit": round(wall_edit, 1),
-              "final_losses": {k: sum(v[-10:]) / len(v[-10:]) for k, v in handle.evidence["loss_parts"].items()
-                               if v},
-              "total_cpu_seconds": round(time.process_time() - cpu_start, 1),
-              "total_seconds": round(time.time() - start, 1)}
-    args.out.mkdir(parents=True, exist_ok=True)
+    losses = handle.evidence["loss_parts"]
+    result |= {"after": after, "cpu_seconds_edit": round(cpu_edit, 1), "seconds_edit": round(wall_edit, 1),
+               "final_losses": {k: sum(v[-10:]) / len(v[-10:]) for k, v in losses.items() if v},
+               "total_cpu_seconds": round(time.process_time() - cpu_start, 1),
+               "total_seconds": round(time.time() - start, 1)}
     (args.out / "smollm2.json").write_text(json.dumps(result, indent=1))
     print("after", json.dumps(after["scores"]))
     print(json.dumps(contrast))
@@ -422,6 +426,8 @@ def main() -> None:
     ap.add_argument("--only", default="", help="run only these grid indices (comma-separated), for a quick look")
     ap.add_argument("--smollm2", action="store_true",
                     help="instead of the grid: SmolLM2-135M, erase France (one cell), written to smollm2.json")
+    ap.add_argument("--smollm2-check-only", action="store_true",
+                    help="with --smollm2: only the greedy answers and the contrast check, no edit")
     ap.add_argument("--smollm2-layers", default="4,5,6,7", help="SmolLM2 cell: LoRA layers")
     ap.add_argument("--smollm2-eta", type=float, default=1.0, help="SmolLM2 cell: eta")
     ap.add_argument("--merge", nargs="+", type=Path, default=None,

@@ -52,7 +52,7 @@ def test_perplexity_interval_is_exp_of_the_nll_interval(study):
 
 def test_ngram_entropy(study):
     assert study.ngram_entropy("a a a a a a") == 0.0  # one bigram, one trigram
-    words = "one two three four five six seven eight nine".split()  # all distinct: uniform n-grams
+    words = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]  # all distinct: uniform n-grams
     want = (2 / 3 * math.log2(len(words) - 1) + 4 / 3 * math.log2(len(words) - 2)) / 2
     assert study.ngram_entropy(" ".join(words)) == pytest.approx(want)
     assert study.ngram_entropy("word") == 0.0
