@@ -527,6 +527,12 @@ def summarise(out: Path) -> dict:
             seen_rows.add((row["case_id"], row["condition"]))
             rows.append(row)
     conds = list(dict.fromkeys(r["condition"] for r in rows))
+    # only facts every condition has been run on (a run stopped early leaves a fact half done): same facts per column
+    by_case: dict = {}
+    for r in rows:
+        by_case.setdefault(r["case_id"], set()).add(r["condition"])
+    complete = {c for c, got in by_case.items() if got >= set(conds)}
+    rows = [r for r in rows if r["case_id"] in complete]
     summary = {}
     for name in ["unedited", *conds]:
         if name == "unedited":

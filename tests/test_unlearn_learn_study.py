@@ -89,6 +89,13 @@ def test_summarise_counts_soft_and_hard_forgetting(study, tmp_path):
         # soft by a paraphrase's top 5 (the question's rank 0 does not count: its next token starts a sentence)
         {"case_id": 5, "condition": "x", "before": before, "after": after(True, [False, False], probe_rank=(9, 3))},
         {"case_id": 5, "condition": "x", "before": before, "after": after(False, [True, True])},  # a re-run: ignored
+        {"case_id": 0, "condition": "y", "before": before, "after": after(True, [False, False])},
+        {"case_id": 1, "condition": "y", "before": before, "after": after(True, [False, False])},
+        {"case_id": 2, "condition": "y", "before": before, "after": after(True, [False, False])},
+        {"case_id": 3, "condition": "y", "before": before, "after": after(True, [False, False])},
+        {"case_id": 4, "condition": "y", "before": before, "error": "InputError: refused"},
+        {"case_id": 5, "condition": "y", "before": before, "after": after(True, [False, False])},
+        {"case_id": 6, "condition": "x", "before": before, "after": after(True, [False, False])},  # y never ran: out
     ]
     (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     s = study.summarise(tmp_path)
@@ -101,7 +108,7 @@ def test_summarise_counts_soft_and_hard_forgetting(study, tmp_path):
     assert s["unedited"]["edits"] == 6 and s["unedited"]["f1_forget"]["k"] == 0  # one "before" per case
     assert s["unedited"]["f2_edit"]["k"] == 0
     table = (tmp_path / "table.md").read_text()
-    assert "| edits | 6 | 5 |" in table and "| measure | unedited | x |" in table
+    assert "| edits | 6 | 5 | 5 |" in table and "| measure | unedited | x | y |" in table
 
 
 def test_looping_flags_repeated_words_not_honest_text(study):
