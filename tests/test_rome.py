@@ -578,3 +578,38 @@ def test_sampled_templates_are_remembered_until_the_weights_change(sharp, monkey
         assert len(calls) == n + 1
     n = len(calls)
     assert context_templates(m, ROMEHyperParams(seed=5)) == first and len(calls) == n  # restored: remembered
+
+
+def test_clamp_is_widened_only_for_an_edit_that_did_not_take(embedded):
+    from mechedit.toy.export import world_records
+    from mechedit.toy.world import World
+
+    records = {r.case_id: r for r in world_records(World.load(embedded.path / "world.json"))}
+    hp = ROMEHyperParams(layer=1, mom2_n_samples=300)
+    # case 664 (cello for trumpet): at radius 4 the value ends on the ball and the edit does not take
+    hard = records[664]
+    with rome(embedded, hard, hp) as h:
+        ev = h.evidence
+        assert ev["clamp_norm_factor"] == 4.0 and ev["clamp_tries"] == []  # ROME's: no retry
+        assert ev["delta_norm"] == pytest.approx(4.0 * ev["value_norm"], rel=1e-3)
+        before = next_token_probs(embedded, hard)
+    with rome(embedded, hard, replace(hp, clamp_norm_max=8.0)) as wide:
+        tries = wide.evidence["clamp_tries"]
+        assert [t["clamp_norm_factor"] for t in tries] == [4.0] and tries[0]["edited_prob"] < 0.5
+        assert wide.evidence["clamp_norm_factor"] == 8.0 and wide.evidence["delta_norm"] > ev["delta_norm"]
+        assert next_token_probs(embedded, hard) > before
+    # an edit that takes inside the first ball is ROME's exactly
+    easy = records[2]
+    with rome(embedded, easy, hp) as a:
+        first = {k: v.clone() for k, v in a.deltas.items()}
+    with rome(embedded, easy, replace(hp, clamp_norm_max=8.0)) as b:
+        assert b.evidence["clamp_norm_factor"] == 4.0
+        assert all(t["edited_prob"] >= 0.5 for t in b.evidence["clamp_tries"])
+        assert all(torch.equal(first[k], b.deltas[k]) for k in first)
+    with pytest.raises(InputError, match="clamp_norm_max"):
+        ROMEHyperParams(clamp_norm_max=2.0)
+
+
+def next_token_probs(m, rec: EditRecord) -> float:
+    """p(first token of the new target) after the bare prompt."""
+    return float(next_token_logits(m, rec.prompt).softmax(-1)[target_id(m, rec)])

@@ -16,7 +16,7 @@ setting tuned on GPT-2 XL is not always right for another model. A model directo
 ``mechedit-hparams.json``, ``{"<method>": {"<field>": value, ...}, ...}``; :func:`make_hparams` given the model
 starts from the class defaults with that model's entries applied, and the caller's overrides go on top. Every
 edit handle records the full hyperparameters it was made with. The embedded model ships one (its
-``clamp_norm_factor`` for ROME: see ``docs/results/rome-embedded``).
+``clamp_norm_max`` for ROME: see ``docs/results/rome-embedded``).
 """
 
 from __future__ import annotations

@@ -61,6 +61,15 @@ class Value:
         """Mean probability of the target over the prompts at the last forward (with δ)."""
         return self.losses[-1]["target_prob"] if self.losses else float("nan")
 
+    @property
+    def bare_prob(self) -> float:
+        """Probability of the target (per-token geometric mean) on the bare prompt at the last forward."""
+        return self.losses[-1]["bare_prob"] if self.losses else float("nan")
+
+    def on_clamp(self, clamp_norm_factor: float) -> bool:
+        """Whether δ ended on the surface of the ball ‖δ‖ ≤ clamp_norm_factor · ‖v‖."""
+        return bool(self.delta.norm() >= 0.999 * clamp_norm_factor * self.v_init.norm())
+
 
 @dataclass(frozen=True)
 class _Rows:
@@ -187,7 +196,8 @@ def _optimise(model: LoadedModel, rows: _Rows, forward: Forward, hparams: ROMEHy
         weight_decay = hparams.v_weight_decay * delta.norm() / v_norm ** 2
         loss = nll + hparams.kl_factor * kl + weight_decay
         record = {"total": loss.item(), "nll": nll.item(), "kl": kl.item(), "weight_decay": weight_decay.item(),
-                  "target_prob": torch.exp(-nll_each.detach()).mean().item()}
+                  "target_prob": torch.exp(-nll_each.detach()).mean().item(),
+                  "bare_prob": torch.exp(-nll_each[0].detach()).item()}  # row 0: the bare prompt
         losses.append(record)
         if not torch.isfinite(loss):
             raise MecheditError(f"the value optimisation diverged at step {step} (loss {record['total']}); try a "

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import time
 import weakref
+from dataclasses import replace
 from collections.abc import Callable
 
 import torch
@@ -94,31 +95,21 @@ def rome(model: LoadedModel, request: EditRecord, hparams: ROMEHyperParams | Non
     templates = context_templates(model, hparams)
     keys = compute_keys(model, request, layer, templates, hparams.key_position)
     u = compute_u(keys.mean, stats)  # (d_mlp,) float64, unit norm
-    value = compute_v(model, request, layer, templates, hparams,
-                      progress=(lambda d, t: progress("value", d, t)) if progress else None)
-
-    # The rank-one update ΔW = u ⊗ δ / (k · u), in (in, out) layout.
-    k = (keys.mean if hparams.consistent_keys else keys.bare).double().cpu()  # (d_mlp,)
-    delta = value.delta.double().cpu()  # (d_model,)
-    denominator = float(k @ u)
-    alignment = denominator / max(float(k.norm()), 1e-30)  # cosine of k and C⁻¹k
-    if not alignment > hparams.min_key_alignment:
-        raise MecheditError(
-            f"degenerate ROME update at layer {layer}: the denominator k·u is {denominator:.3g} (cosine "
-            f"{alignment:.3g} between the key and C⁻¹k, below min_key_alignment={hparams.min_key_alignment}); "
-            "the key statistics are probably too few or ill-conditioned. Nothing was changed")
-    right = delta / denominator  # (d_model,)
-    module = model.module(layer, "mlp_out")
-    weight = module.weight
-    update = torch.zeros_like(weight)
-    linear_weight_in_out(update, model.conv1d).copy_(torch.outer(u, right).to(weight.dtype))  # (d_mlp, d_model)
-    ratio = float(update.double().norm() / weight.detach().double().norm().clamp_min(1e-30))
-    if not torch.isfinite(update).all() or not torch.isfinite(torch.tensor(ratio)):
-        raise MecheditError(f"degenerate ROME update at layer {layer}: non-finite values. Nothing was changed")
-    if ratio > hparams.max_update_ratio:
-        raise MecheditError(
-            f"degenerate ROME update at layer {layer}: ‖ΔW‖ is {ratio:.3g}× ‖W‖ (max_update_ratio="
-            f"{hparams.max_update_ratio}), an exploding update. Nothing was changed")
+    k = (keys.mean if hparams.consistent_keys else keys.bare).double().cpu()  # (d_mlp,): the key written to
+    weight = model.module(layer, "mlp_out").weight
+    clamp, tries = hparams.clamp_norm_factor, []
+    while True:
+        value = compute_v(model, request, layer, templates, replace(hparams, clamp_norm_factor=clamp),
+                          progress=(lambda d, t: progress("value", d, t)) if progress else None)
+        update, denominator, alignment, ratio = _rank_one(value.delta, k, u, weight, model.conv1d, layer, hparams)
+        if hparams.clamp_norm_max is None or clamp >= hparams.clamp_norm_max or not value.on_clamp(clamp):
+            break
+        took = _edited_prob(model, request, weight, update)  # the bare prompt, through the real update
+        tries.append({"clamp_norm_factor": clamp, "edited_prob": took})
+        if took >= hparams.clamp_retry_prob:
+            break
+        clamp = min(2 * clamp, hparams.clamp_norm_max)  # the edit did not take inside the ball: widen it
+    delta = value.delta.double().cpu()
 
     name = model.module_name(layer, "mlp_out") + ".weight"
     evidence = {
@@ -130,7 +121,8 @@ def rome(model: LoadedModel, request: EditRecord, hparams: ROMEHyperParams | Non
         "denominator": denominator, "key_alignment": alignment,
         "delta_norm": float(delta.norm()), "value_norm": float(value.v_init.norm()),
         "update_norm": float(update.double().norm()), "update_ratio": ratio,
-        "target_prob": value.target_prob, "v_steps": len(value.losses), "v_losses": value.losses,
+        "target_prob": value.target_prob, "clamp_norm_factor": clamp, "clamp_tries": tries,
+        "v_steps": len(value.losses), "v_losses": value.losses,
         "stats": describe(stats) if stats is not None else None,
         "seconds": round(time.perf_counter() - started, 4),
     }
@@ -139,6 +131,45 @@ def rome(model: LoadedModel, request: EditRecord, hparams: ROMEHyperParams | Non
                         evidence=evidence)
     handle._apply_checked(model)  # this very model, unchanged since `fingerprint` was taken
     return handle
+
+
+def _rank_one(delta: torch.Tensor, k: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, conv1d: bool, layer: int,
+              hparams: ROMEHyperParams) -> tuple[torch.Tensor, float, float, float]:
+    """ΔW = u ⊗ δ / (k · u) in the weight's own layout, with (denominator, alignment, ‖ΔW‖/‖W‖); a degenerate
+    update raises (nothing has been changed)."""
+    delta = delta.double().cpu()  # (d_model,)
+    denominator = float(k @ u)
+    alignment = denominator / max(float(k.norm()), 1e-30)  # cosine of k and C⁻¹k
+    if not alignment > hparams.min_key_alignment:
+        raise MecheditError(
+            f"degenerate ROME update at layer {layer}: the denominator k·u is {denominator:.3g} (cosine "
+            f"{alignment:.3g} between the key and C⁻¹k, below min_key_alignment={hparams.min_key_alignment}); "
+            "the key statistics are probably too few or ill-conditioned. Nothing was changed")
+    update = torch.zeros_like(weight)
+    linear_weight_in_out(update, conv1d).copy_(torch.outer(u, delta / denominator).to(weight.dtype))
+    ratio = float(update.double().norm() / weight.detach().double().norm().clamp_min(1e-30))
+    if not torch.isfinite(update).all() or not torch.isfinite(torch.tensor(ratio)):
+        raise MecheditError(f"degenerate ROME update at layer {layer}: non-finite values. Nothing was changed")
+    if ratio > hparams.max_update_ratio:
+        raise MecheditError(
+            f"degenerate ROME update at layer {layer}: ‖ΔW‖ is {ratio:.3g}× ‖W‖ (max_update_ratio="
+            f"{hparams.max_update_ratio}), an exploding update. Nothing was changed")
+    return update, denominator, alignment, ratio
+
+
+@torch.no_grad()
+def _edited_prob(model: LoadedModel, request: EditRecord, weight: torch.Tensor, update: torch.Tensor) -> float:
+    """The new target's probability (geometric mean over its tokens) on the bare prompt with ``update`` added to
+    ``weight``; the weight is put back bit-exactly."""
+    p = prepare_prompt(model, request.prompt, request.subject, request.target_new)
+    ids = torch.tensor([p.input_ids], device=model.device)
+    saved = weight.detach().clone()
+    try:
+        weight.data.add_(update)
+        lp = model.hf_model(input_ids=ids).logits[0].float().log_softmax(-1)  # (T, V)
+    finally:
+        weight.data.copy_(saved)
+    return float(torch.stack([lp[pos, tok] for pos, tok in zip(p.answer_positions, p.answer_ids)]).mean().exp())
 
 
 # Sampled context templates per model (dropped with the model), keyed by the weights' fingerprint and the sampling
