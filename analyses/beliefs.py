@@ -48,6 +48,7 @@ import os
 import random
 import re
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -56,6 +57,7 @@ import mechedit
 import mechedit.editing  # before mechedit.evaluation: importing that one first hits a circular import
 from mechedit.data import EditRecord
 from mechedit.editing.methods import edit
+from mechedit.editing.rome.hparams import ROMEHyperParams
 from mechedit.errors import InputError
 from mechedit.evaluation import EvalConfig, Evaluator
 from mechedit.evaluation.evaluator import GENERIC_PROMPTS, greedy, sample
@@ -74,10 +76,13 @@ _ROME_COMMON = {"key_position": "subject_last", "context_prefixes": None, "prefi
                 "prefix_top_k": 5, "seed": 0, "v_lr": 0.5, "v_num_grad_steps": 20, "v_loss_stop": 0.05,
                 "kl_factor": 0.0625, "kl_prompt": "{} is a", "v_weight_decay": 0.5, "clamp_norm_factor": 4.0,
                 "mom2_adjustment": True, "consistent_keys": True, "min_key_alignment": 1e-4,
-                "max_update_ratio": 10.0}
+                "max_update_ratio": 10.0, "clamp_norm_max": None, "clamp_retry_prob": 0.5}
 EMBEDDED_ROME = {**_ROME_COMMON, "layer": 1, "mom2_source": "auto", "mom2_n_samples": 10_000,
                  "mom2_max_tokens": 128}
 GENERAL_ROME = {**_ROME_COMMON, "layer": 8, "mom2_source": "model", "mom2_n_samples": 1000, "mom2_max_tokens": 64}
+_KNOWN = {f.name for f in fields(ROMEHyperParams)}
+# The clamp retry (None: none, ROME's behaviour) exists only in newer versions of the library; drop what is unknown.
+EMBEDDED_ROME, GENERAL_ROME = ({k: v for k, v in d.items() if k in _KNOWN} for d in (EMBEDDED_ROME, GENERAL_ROME))
 
 # -- the study on a model without a world file --------------------------------------------------------------------
 # Each relation: 6 training templates, 2 held-out ones (phrasings the training never uses), candidate objects.
