@@ -371,7 +371,9 @@ def measure(model, case: Case, controls: list[tuple[str, str]], n_tokens: int) -
 # Methods
 # ---------------------------------------------------------------------------------------------------------------
 
-ROME_EMBEDDED = {"layer": 1, "clamp_norm_factor": 4.0, "v_lr": 0.5, "v_num_grad_steps": 20, "v_loss_stop": 0.05,
+# clamp_norm_max None: ROME's single clamp (no retry with a wider ball), as in the recorded run, whatever a model's
+# own hyperparameter file says
+ROME_EMBEDDED = {"layer": 1, "clamp_norm_factor": 4.0, "clamp_norm_max": None, "v_lr": 0.5, "v_num_grad_steps": 20, "v_loss_stop": 0.05,
                  "kl_factor": 0.0625, "v_weight_decay": 0.5, "mom2_adjustment": True, "mom2_source": "auto",
                  "mom2_n_samples": 10_000, "consistent_keys": True}
 ROME_SMOL = {**ROME_EMBEDDED, "layer": 8, "mom2_source": "model", "mom2_n_samples": 1000, "mom2_max_tokens": 64}
