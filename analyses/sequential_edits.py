@@ -1,16 +1,23 @@
 """Sequential editing on the embedded model: plain sequential ROME vs AlphaEdit, measured as edits pile up.
 
-N facts of the embedded world (``mechedit.toy.export.world_records``) are edited one after another with
-``seq-rome`` and with ``alphaedit`` (batch size 1: fully sequential). At each checkpoint k the model holding the
-first k edits is scored on those k records with ROME's CounterFact scores
-(:func:`mechedit.evaluation.counterfact.rewrite_scores`):
+The first N of ``world_records(embedded_world(), n=POOL, seed)`` (POOL 1,000: a short run edits the start of the
+long one) are edited one after another with ``seq-rome`` and with ``alphaedit`` (its ``batch_size`` requests per
+step; 1 by default: fully sequential). At each checkpoint k the model holding the first k edits is scored on
+those k records with ROME's CounterFact scores (:func:`mechedit.evaluation.counterfact.rewrite_scores`), each
+with its Wilson 95% interval:
 
 * ES: efficacy success, p(new) > p(true) on the edit prompt (mean over records, in %);
 * PS: the same on the held-out paraphrase;
 * NS: neighbourhood success, another subject's true answer still beats the new object; compared with NS of
   the same records on the unedited model (the issue's target: ES >= 95 and an NS drop <= 5 points at 1,000 edits).
 
-A method whose time budget runs out stops at its last checkpoint (reported as such). Writes
+* ES right after: each edit's ES on the model right after the step that made it (does it take at all?).
+
+At the last checkpoint a diagnosis splits ES by age (edits made after it), by whether a later edit had the same
+subject and by whether an earlier edit's subject ends in the same name piece, and NS by whether the neighbour's
+name ends in an edited subject's name piece; ``--key-report`` adds the overlap of the edit keys (cosines, null
+space rank, projected cosines). A method whose time budget runs out stops at its last checkpoint (reported as
+such). Writes
 ``sequential_edits.json``, ``sequential_edits.md`` (table) and ``sequential_edits.html`` (plotly) to ``--out``.
 
     OMP_NUM_THREADS=1 .venv/bin/python analyses/sequential_edits.py --n 1000 --budget 720
