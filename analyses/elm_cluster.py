@@ -41,7 +41,7 @@ import torch
 import mechedit
 from mechedit.editing.elm import ELMHyperParams
 from mechedit.editing.methods import edit
-from mechedit.evaluation.stats import mean_ci, wilson
+from mechedit.evaluation.stats import clip, mean_ci, wilson
 from mechedit.results import JsonResult
 from mechedit.toy.export import world_records
 from mechedit.toy.quality import top1_accuracy
@@ -234,7 +234,7 @@ def contrast_check(model, world: World, pairs: dict, etas: list[float], n: int =
             texts = [_plain(model, p) + encode_target(model, p, a.strip()) for p, a in facts]
             for eta in [0.0, *sorted(etas)]:
                 target = contrast_targets(model.hf_model, texts, head, novice, expert, eta, 0)
-                m, lo, hi = mean_ci([float(t[-1].exp()[x[-1]]) for t, x in zip(target, texts)])
+                m, lo, hi = clip(mean_ci([float(t[-1].exp()[x[-1]]) for t, x in zip(target, texts)]), (0.0, 1.0))
                 rows.append({"prompts": name, "group": group, "eta": eta, "p_answer": m, "lo": lo, "hi": hi,
                              "n": n})
     return rows
@@ -378,7 +378,8 @@ def smollm2_study(args) -> None:
         for eta in (0.0, 1.0, 4.0):
             target = contrast_targets(model.hf_model, ids, head, novice, expert, eta, 0)
             # P'(answer's first token) at the position that predicts it
-            m, lo, hi = mean_ci([float(t[-k].exp()[x[-k]]) for t, x, k in zip(target, ids, n_answer)])
+            m, lo, hi = clip(mean_ci([float(t[-k].exp()[x[-k]]) for t, x, k in zip(target, ids, n_answer)]),
+                             (0.0, 1.0))
             contrast.append({"group": group, "eta": eta, "p_answer": m, "lo": lo, "hi": hi, "n": len(pairs)})
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"model": model.name, "hparams": hp.to_dict(), "before": before, "contrast": contrast}
