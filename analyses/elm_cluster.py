@@ -19,7 +19,7 @@ P'(true answer) on 100 cluster and 100 other facts per prompt pair and eta (is t
 Writes ``contrast.json``, then after every cell ``elm_cluster.json`` (every number, the hparams, CPU and wall
 seconds), ``elm_cluster.md`` (the table) and ``elm_cluster.png`` (the trade-off figure) into ``--out``
 (default: ``docs/results/elm-cluster``, where the committed results come from). The default grid is
-{default, world} prompts x eta {1, 4} x layers {0-2, 4-6}: 8 cells, about 13 CPU-minutes on one thread.
+{default, world} prompts x eta {1, 4} x layers {0-2, 4-6}: 8 cells, about 15 CPU-minutes on one thread.
 
     OMP_NUM_THREADS=1 python analyses/elm_cluster.py
 """
