@@ -295,9 +295,11 @@ def markdown(summary: dict, config: dict) -> str:
         "| SmolLM2 unedited, measured | " + " | ".join(cell(summary["unedited"][k]) for k in KEYS)
         + f" | {summary['unedited']['efficacy_success']['n']} |",
     ]
-    for method, row in summary["methods"].items():
+    for method, row in summary["methods"].items():  # each beside the unedited model on exactly its records
         lines.append(f"| SmolLM2 + {LABELS.get(method, method)}, measured | "
                      + " | ".join(cell(row["edited"][k]) for k in KEYS) + f" | {row['n_edited']} |")
+        lines.append(f"| ↳ SmolLM2 unedited on the same {row['n_edited']} records | "
+                     + " | ".join(cell(row["unedited_same_records"][k]) for k in KEYS) + f" | {row['n_edited']} |")
     lines += [f"| {name} | " + " | ".join(f"{v:.1f}" for v in vals) + " | |" for name, vals in PUBLISHED.items()]
     lines += ["", "Per method, on the records it edited:", "",
               "| method | edited / drawn | unedited NS on them | NS change | neighbours right→wrong / wrong→right "

@@ -110,6 +110,7 @@ def test_markdown_has_every_row_and_the_published_ones(cf):
     assert "| SmolLM2 + ROME (one edit at a time), measured | 75.0 [" in text
     assert "| SmolLM2 + MEMIT (all records in one edit), measured | 100.0 [" in text
     assert "| GPT-2 XL + ROME, published | 100.0 | 96.4 | 75.4 | |" in text
+    assert "| ↳ SmolLM2 unedited on the same 4 records | 0.0 [" in text  # rome's 4 edited records, unedited
     assert "1 / 1 of 3" in text  # rome's neighbour flips
     assert "statistics 6 s CPU" in text
     assert "layer=8" in text and "layers=[7, 8, 9]" in text
