@@ -145,6 +145,19 @@ def test_import_does_nothing():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_modules_import_first():
+    """Modules on both sides of the editing <-> evaluation imports load in a fresh interpreter with nothing
+    imported before them (a circular import once broke ``import mechedit.evaluation.stats`` on its own)."""
+    import subprocess
+    import sys
+
+    names = ["mechedit.evaluation.stats", "mechedit.evaluation.counterfact", "mechedit.evaluation.evaluator",
+             "mechedit.editing.training", "mechedit.editing.sweep", "mechedit.editing.methods",
+             "mechedit.editing.rome.layer_choice", "mechedit.tracing.summary"]
+    bad = [n for n in names if subprocess.run([sys.executable, "-c", f"import {n}"], capture_output=True).returncode]
+    assert bad == [], f"these modules fail to import first: {bad}"
+
+
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_architecture_table_paths_resolve(tiny_dir, arch):
     """Every module the table names exists in the loaded (bridged) model."""

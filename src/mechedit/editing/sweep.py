@@ -38,7 +38,7 @@ from mechedit.data import EditRecord
 from mechedit.editing.rome import ROMEHyperParams, choose_layer, rome
 from mechedit.editing.rome.rome_main import _check_request
 from mechedit.errors import InputError, MecheditError
-from mechedit.evaluation.counterfact import SCORE_KEYS, rewrite_scores
+from mechedit.evaluation import counterfact  # the module, not its names: evaluation imports editing too
 from mechedit.model import LoadedModel
 from mechedit.results import JsonResult
 
@@ -111,7 +111,7 @@ class LayerSweepResult(JsonResult):
             s = self.score(layer)[0]
             out.append({"layer": layer, "trace_score": self.trace_scores[layer],
                         "trace_effect": self.trace_effects[layer], "is_trace_peak": layer == self.trace_peak,
-                        "is_best": layer == best, **{k: row[k] for k in SCORE_KEYS},
+                        "is_best": layer == best, **{k: row[k] for k in counterfact.SCORE_KEYS},
                         "rome_score": None if s == -math.inf else s, "target_prob": row["target_prob"],
                         "update_ratio": row["update_ratio"], "seconds": row["seconds"], "error": row["error"]})
         return pd.DataFrame(out)
@@ -179,7 +179,8 @@ def layer_sweep(model: LoadedModel, request: EditRecord, hparams: ROMEHyperParam
     _check_request(model, request)  # refuse a request ROME would refuse at every layer, once, up front
 
     fingerprint = model.fingerprint()
-    unedited = {k: v for k, v in rewrite_scores(model, request).items() if k in SCORE_KEYS}
+    before = counterfact.rewrite_scores(model, request)
+    unedited = {k: v for k, v in before.items() if k in counterfact.SCORE_KEYS}
     peak, evidence = choose_layer(model, request, replace(hparams, layer="fact"), progress)
     trace = evidence["trace"]
     rows = []
@@ -191,13 +192,14 @@ def layer_sweep(model: LoadedModel, request: EditRecord, hparams: ROMEHyperParam
         forward = (lambda stage, d, t: progress(stage, d, t) if stage == "stats" else None) if progress else None
         try:
             with rome(model, request, hp, forward) as handle:
-                scores = rewrite_scores(model, request)
-                row = {**{k: scores[k] for k in SCORE_KEYS}, "target_prob": handle.evidence["target_prob"],
+                scores = counterfact.rewrite_scores(model, request)
+                row = {**{k: scores[k] for k in counterfact.SCORE_KEYS}, "target_prob": handle.evidence["target_prob"],
                        "update_ratio": handle.evidence["update_ratio"], "error": None}
         except InputError:
             raise
         except MecheditError as e:  # a degenerate update at this layer: nothing was changed; say why
-            row = {**{k: None for k in SCORE_KEYS}, "target_prob": None, "update_ratio": None, "error": str(e)}
+            row = {**{k: None for k in counterfact.SCORE_KEYS}, "target_prob": None, "update_ratio": None,
+                   "error": str(e)}
         rows.append({"layer": layer, **row, "seconds": round(time.perf_counter() - started, 4)})
         if progress is not None:
             progress("layer", i + 1, len(layers))
