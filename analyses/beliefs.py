@@ -48,7 +48,6 @@ import os
 import random
 import re
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -57,7 +56,6 @@ import mechedit
 import mechedit.editing  # before mechedit.evaluation: importing that one first hits a circular import
 from mechedit.data import EditRecord
 from mechedit.editing.methods import edit
-from mechedit.editing.rome.hparams import ROMEHyperParams
 from mechedit.errors import InputError
 from mechedit.evaluation import EvalConfig, Evaluator
 from mechedit.evaluation.evaluator import GENERIC_PROMPTS, greedy, sample
@@ -80,9 +78,6 @@ _ROME_COMMON = {"key_position": "subject_last", "context_prefixes": None, "prefi
 EMBEDDED_ROME = {**_ROME_COMMON, "layer": 1, "mom2_source": "auto", "mom2_n_samples": 10_000,
                  "mom2_max_tokens": 128}
 GENERAL_ROME = {**_ROME_COMMON, "layer": 8, "mom2_source": "model", "mom2_n_samples": 1000, "mom2_max_tokens": 64}
-_KNOWN = {f.name for f in fields(ROMEHyperParams)}
-# The clamp retry (None: none, ROME's behaviour) exists only in newer versions of the library; drop what is unknown.
-EMBEDDED_ROME, GENERAL_ROME = ({k: v for k, v in d.items() if k in _KNOWN} for d in (EMBEDDED_ROME, GENERAL_ROME))
 
 # -- the study on a model without a world file --------------------------------------------------------------------
 # Each relation: 6 training templates, 2 held-out ones (phrasings the training never uses), candidate objects.

@@ -139,7 +139,6 @@ def main() -> None:
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
-    import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     from mechedit.viz.export import write_png

@@ -52,7 +52,7 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -62,7 +62,6 @@ import mechedit.editing  # before mechedit.evaluation: importing that one first 
 from mechedit.answering import answers
 from mechedit.data import EditRecord
 from mechedit.editing.methods import edit
-from mechedit.editing.rome.hparams import ROMEHyperParams
 from mechedit.evaluation import EvalConfig, Evaluator
 from mechedit.evaluation.evaluator import GENERIC_PROMPTS, greedy, sample
 from mechedit.evaluation.stats import mean_ci, wilson
@@ -92,9 +91,6 @@ _ROME_COMMON = {"key_position": "subject_last", "context_prefixes": None, "prefi
 EMBEDDED_ROME = {**_ROME_COMMON, "layer": 3, "mom2_source": "auto", "mom2_n_samples": 10_000,
                  "mom2_max_tokens": 128}
 SMOL_ROME = {**_ROME_COMMON, "layer": 8, "mom2_source": "model", "mom2_n_samples": 1000, "mom2_max_tokens": 64}
-_KNOWN = {f.name for f in fields(ROMEHyperParams)}
-# The clamp retry (None: none, ROME's behaviour) exists only in newer versions of the library; drop what is unknown.
-EMBEDDED_ROME, SMOL_ROME = ({k: v for k, v in d.items() if k in _KNOWN} for d in (EMBEDDED_ROME, SMOL_ROME))
 
 # -- the study on a model without a world file (SmolLM2) ------------------------------------------------------
 FRAME = "1 + 1 = 2, 3 + 3 = 6, {} = "  # ends in the space token: the answer is one digit token
