@@ -267,7 +267,8 @@ def test_edit_report_draws_in_chromium(browser, page, edit_dir, tmp_path):
     assert all(f["svgs"] >= 1 for f in out["figures"]), out
     trace = CausalTraceResult.load(edit_dir / TRACE_FILE)
     assert figs["causal-trace"]["heatmaps"] == len(trace.scores)  # one heatmap per traced kind
-    n_layers = len(EditHandle.load(edit_dir / "edit").evidence["trace"]["scores"])
+    ev = EditHandle.load(edit_dir / "edit").evidence  # layer="auto": the averaged trace's effect per layer
+    n_layers = len(ev["averaged_trace"]["effects"])
     assert figs["layer-choice"]["bars"] == n_layers
     assert figs["evidence-v_losses"]["lines"] >= 1
     assert figs["evaluation"]["bars"] > 0

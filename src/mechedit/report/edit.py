@@ -248,20 +248,29 @@ def _series_figure(name: str, v: list):
 
 
 def _layer_scores_figure(ev: dict, chosen):
-    """ROME's layer choice: the MLP trace score at the key token per layer, the chosen layer highlighted."""
+    """ROME's layer choice, the chosen layer highlighted: this fact's MLP trace score at the key token per layer
+    (``layer="fact"``), or the MLP effect at the last subject token averaged over known facts (``"auto"``)."""
     import plotly.graph_objects as go
 
-    t = ev["trace"]
-    scores = t["scores"]
+    averaged = "trace" not in ev
+    t = ev["averaged_trace"] if averaged else ev["trace"]
+    scores = t["effects"] if averaged else t["scores"]
+    name = "average indirect effect" if averaged else "p(answer) restored"
     colours = ["#2da44e" if i == chosen else "#8c959f" for i in range(len(scores))]
-    fig = go.Figure(go.Bar(x=list(range(len(scores))), y=scores, marker_color=colours, name="p(answer) restored",
-                           hovertemplate="layer %{x}<br>p = %{y:.4f}<extra></extra>"))
-    for y, label in ((t.get("low_score"), "corrupted"), (t.get("high_score"), "clean")):
-        if isinstance(y, (int, float)):
-            fig.add_hline(y=y, line_dash="dash", annotation_text=f"{label} {y:.3f}")
-    fig.update_layout(title=f"{t.get('kind', 'mlp')} trace at {t.get('token', 'the key token')!r} "
-                            f"(window {t.get('window', '?')}): chosen layer {chosen}",
-                      xaxis_title="layer", yaxis_title=f"p({t.get('answer', 'answer')})", height=340, width=720,
+    fig = go.Figure(go.Bar(x=list(range(len(scores))), y=scores, marker_color=colours, name=name,
+                           hovertemplate="layer %{x}<br>%{y:.4f}<extra></extra>"))
+    if averaged:
+        title = (f"{t.get('kind', 'mlp')} effect at the last subject token, averaged over {t.get('n_facts', '?')} "
+                 f"known facts (window {t.get('window', '?')}): chosen layer {chosen}")
+        y_title = "average indirect effect"
+    else:
+        for y, label in ((t.get("low_score"), "corrupted"), (t.get("high_score"), "clean")):
+            if isinstance(y, (int, float)):
+                fig.add_hline(y=y, line_dash="dash", annotation_text=f"{label} {y:.3f}")
+        title = (f"{t.get('kind', 'mlp')} trace at {t.get('token', 'the key token')!r} "
+                 f"(window {t.get('window', '?')}): chosen layer {chosen}")
+        y_title = f"p({t.get('answer', 'answer')})"
+    fig.update_layout(title=title, xaxis_title="layer", yaxis_title=y_title, height=340, width=720,
                       margin=dict(t=50, b=40))
     return fig
 
@@ -275,10 +284,11 @@ def _locate_section(page: Page, handle) -> None:
     decision = {k: ev[k] for k in _DECISION_KEYS if k in ev}
     parts = [key_values(decision) if decision else
              '<p class="note">This method records no layer or module choice.</p>']
-    trace = ev.get("trace")
-    if isinstance(trace, dict) and isinstance(trace.get("scores"), list) and trace["scores"]:
+    trace, averaged = ev.get("trace"), ev.get("averaged_trace")
+    if (isinstance(trace, dict) and isinstance(trace.get("scores"), list) and trace["scores"]) or (
+            isinstance(averaged, dict) and isinstance(averaged.get("effects"), list) and averaged["effects"]):
         parts.append(page.figure(_layer_scores_figure(ev, ev.get("layer")), "layer-choice"))
-    scalars = {k: v for k, v in ev.items() if k not in decision and k != "trace"
+    scalars = {k: v for k, v in ev.items() if k not in decision and k not in ("trace", "averaged_trace")
                and (v is None or isinstance(v, (str, int, float, bool)))}
     if scalars:
         parts.append("<h3>Other evidence</h3>" + key_values(scalars))
