@@ -249,8 +249,8 @@ def measure_general(model, handle, suite: Suite) -> dict:
 
 
 def hparams_for(method: str, overrides: list[str], general: bool) -> dict | list:
-    """The hyperparameters a row runs with: ROME pinned in full, reg-lora and unlearn-learn given the
-    retention rows on a model without a world, every other method its defaults plus the row's overrides."""
+    """The hyperparameters a row runs with: ROME pinned in full, reg-lora given the retention rows on a model
+    without a world, every other method its defaults plus the row's overrides."""
     def value(raw: str):
         try:
             return json.loads(raw)
@@ -260,7 +260,7 @@ def hparams_for(method: str, overrides: list[str], general: bool) -> dict | list
     extra = {k.strip(): value(v.strip()) for k, v in (o.split("=", 1) for o in overrides)}
     if method == "rome":
         return {**(SMOL_ROME if general else EMBEDDED_ROME), **extra}
-    if general and method in ("reg-lora", "ia3-unlearn-learn"):
+    if general and method == "reg-lora":
         return {"retention": list(RETENTION), **extra}
     return list(overrides)
 
