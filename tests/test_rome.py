@@ -482,6 +482,31 @@ def test_rome_reads_cached_stats_and_later_layer_edits_keep_them_valid(sharp, mo
     assert key_fingerprint(m, 1) == fp1
 
 
+def test_model_sampled_text_is_sampled_once_for_every_layer(sharp, monkeypatch):
+    """Statistics of several layers from text sampled by the model sample it once: later layers read it back from
+    the cache, and get the very same text (hence the same statistics as sampling again)."""
+    import mechedit.editing.generate as generate
+
+    m = sharp("llama")
+    calls = []
+    real = generate.iter_sampled_texts
+
+    def counting(*a, **k):
+        calls.append(a[1])
+        return real(*a, **k)
+
+    monkeypatch.setattr(generate, "iter_sampled_texts", counting)
+    s0 = layer_stats(m, 0, "model", 40, max_tokens=12)
+    s1 = layer_stats(m, 1, "model", 40, max_tokens=12)
+    assert calls == [40]  # layer 1 read the text layer 0 sampled
+    assert s0.n_samples == s1.n_samples == 40 and s1.n_tokens == s0.n_tokens
+    monkeypatch.setattr(generate, "iter_sampled_texts", real)
+    fresh = list(real(m, 40, 11, top_k=5, seed=0))
+    assert list(generate.cached_sampled_texts(m, 40, 11, top_k=5, seed=0)) == fresh
+    layer_stats(m, 1, "model", 41, max_tokens=12)  # another count is another file
+    assert generate.sampled_texts_path(m, 41, 11, 5, 0).is_file()
+
+
 def test_stats_sources(sharp, tiny_dir, tmp_path, monkeypatch):
     m = sharp("llama")
     # a text file: one sample per non-empty line

@@ -7,7 +7,11 @@ left alone and the same seed always gives the same text.
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -57,3 +61,37 @@ def iter_sampled_texts(model: LoadedModel, n: int, length: int, *, top_k: int = 
 def sample_texts(model: LoadedModel, n: int, length: int, *, top_k: int = 5, seed: int = 0) -> list[str]:
     """``n`` sampled texts as a list (see :func:`iter_sampled_texts`)."""
     return list(iter_sampled_texts(model, n, length, top_k=top_k, seed=seed))
+
+
+def cached_sampled_texts(model: LoadedModel, n: int, length: int, *, top_k: int = 5, seed: int = 0) -> Iterator[str]:
+    """:func:`iter_sampled_texts`, remembered on disk per model weights and sampling settings.
+
+    Statistics of several layers read the same sampled text (MEMIT's layer range, a layer sweep); sampling it is
+    most of their cost on a real model (SmolLM2: minutes per layer), and the same weights with the same seed
+    always sample the same text. The first call streams the texts as they are sampled and writes them once all
+    ``n`` are out; later calls read the file. The file is keyed by ``n`` too, since a shorter last batch samples
+    different text.
+    """
+    path = sampled_texts_path(model, n, length, top_k, seed)
+    try:
+        texts = json.loads(path.read_text())
+        if isinstance(texts, list) and len(texts) == n and all(isinstance(t, str) for t in texts):
+            yield from texts
+            return
+    except (OSError, ValueError):
+        pass  # not cached yet, or an unreadable file: sample (and overwrite it)
+    texts = []
+    for t in iter_sampled_texts(model, n, length, top_k=top_k, seed=seed):
+        texts.append(t)
+        yield t
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(texts, f)
+    os.replace(tmp, path)
+
+
+def sampled_texts_path(model: LoadedModel, n: int, length: int, top_k: int, seed: int) -> Path:
+    from mechedit.hub import cache_dir
+
+    return cache_dir() / "texts" / model.fingerprint() / f"len{length}-top{top_k}-seed{seed}-n{n}.json"

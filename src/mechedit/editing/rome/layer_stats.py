@@ -120,14 +120,14 @@ def text_source(model: LoadedModel, source: str | Path | Sequence[str] = "auto",
         return TextSource(f"world-{digest}", f"world corpus of {world_file}", len(corpus),
                           lambda n: iter(corpus[:n]))
     if spec == "model":
-        from mechedit.editing.generate import iter_sampled_texts
+        from mechedit.editing.generate import cached_sampled_texts
 
         # BOS + sampled tokens fill max_tokens, and never more than the model's context (GPT-2's learned positions
         # end there).
         length = max(1, min(max_tokens, model.n_ctx) - 1)
         return TextSource(f"model-len{length}-top{top_k}-seed{seed}",
                           f"text sampled from the model (top-{top_k}, {length} tokens, seed {seed})", None,
-                          lambda n: (t for t in iter_sampled_texts(model, n, length, top_k=top_k, seed=seed)
+                          lambda n: (t for t in cached_sampled_texts(model, n, length, top_k=top_k, seed=seed)
                                      if t.strip()))
     if spec.startswith("hf:"):
         return _hf_source(spec[3:])
