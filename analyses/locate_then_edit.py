@@ -146,6 +146,24 @@ def known_records(model, records, n: int, seed: int, known=knows) -> tuple[list,
     return out, drawn
 
 
+class StatsClock:
+    """A ``layer_sweep`` progress callback recording the CPU seconds each swept layer spent computing ROME's key
+    statistics (reported only for layers whose statistics were not yet cached): ``{layer: seconds}``."""
+
+    def __init__(self, layers: list[int]):
+        self.layers, self.current, self.start, self.seconds = layers, None, None, {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = time.process_time()
+        if stage == "layer":
+            self.current = self.layers[done] if done < len(self.layers) else None
+            self.start = None
+        elif stage == "stats" and self.current is not None:
+            if self.start is None:
+                self.start = now
+            self.seconds[self.current] = now - self.start
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
@@ -323,13 +341,15 @@ def run_model(args, config_for) -> None:
         try:
             trace = causal_trace(model, r.prompt, r.subject, r.target_true, config)
             t1, c1 = time.perf_counter(), time.process_time()
-            sweep = layer_sweep(model, r, hp, layers=swept)
+            stats = StatsClock(swept)
+            sweep = layer_sweep(model, r, hp, layers=swept, progress=stats)
         except InputError as e:  # e.g. a subject the prompt does not hold as tokens: say so, keep going
             entry["skipped"] = str(e)
         else:
             entry.update(trace=trace.to_json_dict(), sweep=sweep.to_json_dict(),
                          trace_cpu_seconds=c1 - c0, trace_wall_seconds=t1 - t0,
-                         sweep_cpu_seconds=time.process_time() - c1, sweep_wall_seconds=time.perf_counter() - t1)
+                         sweep_cpu_seconds=time.process_time() - c1, sweep_wall_seconds=time.perf_counter() - t1,
+                         stats_cpu_seconds=stats.seconds)
         entry.update(cpu_seconds=time.process_time() - c0, wall_seconds=time.perf_counter() - t0,
                      threads=torch.get_num_threads(), load_average=os.getloadavg()[0])
         with log.open("a") as f:
@@ -363,6 +383,8 @@ def run_model(args, config_for) -> None:
                      "sweep_cpu_seconds_median": statistics.median(e["sweep_cpu_seconds"] for e in kept),
                      "wall_seconds_sum": sum(e["wall_seconds"] for e in kept),
                      "threads": sorted({e["threads"] for e in kept}),
+                     # key statistics computed during the run (layers not yet cached), CPU seconds per layer
+                     "stats_cpu_seconds": {str(k): v for e in kept for k, v in e.get("stats_cpu_seconds", {}).items()},
                      "load_average_mean": statistics.mean(e["load_average"] for e in kept)},
     }
     lines = [(f"{model.name}: {head['n']} facts it knows (of {drawn} CounterFact records drawn, seed {args.seed}); "

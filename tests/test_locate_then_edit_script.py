@@ -146,3 +146,16 @@ def test_pearson_is_none_where_undefined(lte):
     assert lte.pearson([0.0, 1.0, 2.0], [2.0, 1.0, 0.0]) == pytest.approx(-1.0)
     assert lte.pearson([0.0, 1.0], [1.0, 1.0]) is None  # one side constant (e.g. every edit succeeded)
     assert lte.pearson([0.5], [1.0]) is None
+
+
+def test_stats_clock_charges_statistics_to_the_layer_being_edited(lte):
+    clock = lte.StatsClock([3, 27])
+    clock("trace", 0, 10)
+    clock("stats", 0, 5)  # before any layer: not charged
+    clock("layer", 0, 2)
+    clock("stats", 0, 5)
+    sum(i * i for i in range(200_000))  # some CPU time
+    clock("stats", 5, 5)
+    clock("layer", 1, 2)  # layer 27: its statistics were cached, no "stats" call
+    clock("layer", 2, 2)
+    assert list(clock.seconds) == [3] and clock.seconds[3] > 0
