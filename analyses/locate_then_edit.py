@@ -68,8 +68,9 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact.
 # SMOL_ROME and counterfact_smollm2.py's "rome" - ROME's GPT-2 XL values, r-ROME's consistent keys, key statistics
 # from 1,000 texts of 64 tokens sampled from the model itself (no Wikipedia offline; cached on disk after the first
 # run, shared by every layer), clamp at 4 x ||v|| with no widening retry (clamp_norm_max None: ROME's own rule).
-# "layer" is what the sweep replaces by each swept layer in turn (and the trace by the fact's own peak).
-SMOL_ROME = {"layer": "fact", "key_position": "subject_last", "context_prefixes": None,
+# "layer" is what the sweep replaces by each swept layer in turn (and the trace by the fact's own peak); layer_facts
+# and layer_n_facts only serve layer="auto" and are unused here.
+SMOL_ROME = {"layer": "fact", "layer_facts": "auto", "layer_n_facts": 50, "key_position": "subject_last", "context_prefixes": None,
              "prefix_lengths": [[5, 10], [10, 10]], "prefix_top_k": 5, "seed": 0, "v_lr": 0.5,
              "v_num_grad_steps": 20, "v_loss_stop": 0.05, "kl_factor": 0.0625, "kl_prompt": "{} is a",
              "v_weight_decay": 0.5, "clamp_norm_factor": 4.0, "clamp_norm_max": None, "clamp_retry_prob": 0.5,

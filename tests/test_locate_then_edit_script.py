@@ -159,3 +159,17 @@ def test_stats_clock_charges_statistics_to_the_layer_being_edited(lte):
     clock("layer", 1, 2)  # layer 27: its statistics were cached, no "stats" call
     clock("layer", 2, 2)
     assert list(clock.seconds) == [3] and clock.seconds[3] > 0
+
+
+def test_smollm2_rome_is_pinned_in_full(lte):
+    from dataclasses import fields
+
+    from mechedit.editing.methods import make_hparams
+    from mechedit.editing.rome import ROMEHyperParams
+
+    pinned = lte.PINNED["smollm2-135m"]
+    assert set(pinned) == {f.name for f in fields(ROMEHyperParams)}  # a new library field must be pinned here too
+    d = make_hparams("rome", dict(pinned)).to_dict()
+    assert {k: (list(map(list, v)) if k == "prefix_lengths" else v) for k, v in d.items()} == pinned
+    assert (pinned["mom2_source"], pinned["mom2_n_samples"], pinned["mom2_max_tokens"]) == ("model", 1000, 64)
+    assert pinned["clamp_norm_factor"] == 4.0 and pinned["clamp_norm_max"] is None  # ROME's clamp, no widening
