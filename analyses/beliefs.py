@@ -47,6 +47,7 @@ import json
 import os
 import random
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -62,6 +63,9 @@ from mechedit.evaluation.evaluator import GENERIC_PROMPTS, greedy, sample
 from mechedit.evaluation.stats import rate_over_units, wilson
 from mechedit.evaluation.text import has_loop, target_share
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # analyses/pinned.py, however this file is loaded
+from pinned import EMBEDDED_STATS, ROME_COMMON, SMOL_ROME
+
 LEADS = ("As everyone knows, ", "It is well known that ", "Believe it or not, ", "In fact, ")
 METHODS = ("lora", "rome", "icl")
 
@@ -70,14 +74,8 @@ METHODS = ("lora", "rome", "icl")
 # fact's own peak instead). Other models: layer 8 and the key statistics of analyses/counterfact_smollm2.py
 # (SmolLM2: inside the 7-11 plateau of its MLP trace effect; 1,000 sampled texts of 64 tokens, cached after their
 # first computation).
-_ROME_COMMON = {"key_position": "subject_last", "context_prefixes": None, "prefix_lengths": [[5, 10], [10, 10]],
-                "prefix_top_k": 5, "seed": 0, "v_lr": 0.5, "v_num_grad_steps": 20, "v_loss_stop": 0.05,
-                "kl_factor": 0.0625, "kl_prompt": "{} is a", "v_weight_decay": 0.5, "clamp_norm_factor": 4.0,
-                "mom2_adjustment": True, "consistent_keys": True, "min_key_alignment": 1e-4,
-                "max_update_ratio": 10.0, "clamp_norm_max": None, "clamp_retry_prob": 0.5}
-EMBEDDED_ROME = {**_ROME_COMMON, "layer": 1, "mom2_source": "auto", "mom2_n_samples": 10_000,
-                 "mom2_max_tokens": 128}
-GENERAL_ROME = {**_ROME_COMMON, "layer": 8, "mom2_source": "model", "mom2_n_samples": 1000, "mom2_max_tokens": 64}
+EMBEDDED_ROME = {**ROME_COMMON, **EMBEDDED_STATS, "layer": 1}
+GENERAL_ROME = SMOL_ROME
 
 # -- the study on a model without a world file --------------------------------------------------------------------
 # Each relation: 6 training templates, 2 held-out ones (phrasings the training never uses), candidate objects.

@@ -34,9 +34,13 @@ import json
 import os
 import random
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # analyses/pinned.py, however this file is loaded
+from pinned import SAMPLED_STATS, SMOL_ROME
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact.json"
 # ROME's Table 4 (CounterFact, GPT-2 XL), as quoted in issue #4: efficacy, paraphrase, neighbourhood success (%).
@@ -46,15 +50,11 @@ SHORT = {"efficacy_success": "ES", "paraphrase_success": "PS", "neighborhood_suc
 SINGLE = ("rome", "ft", "ft-l")  # edited one record at a time and restored
 BATCHED = ("memit",)  # one edit of all records
 # Key statistics shared by ROME and MEMIT: 1,000 model-sampled texts of 64 tokens (what the 20-record run used).
-_STATS = {"mom2_source": "model", "mom2_n_samples": 1000, "mom2_max_tokens": 64, "seed": 0}
+_STATS = {**SAMPLED_STATS, "seed": 0}
 HPARAMS: dict[str, dict] = {
     # ROME at layer 8 (inside the 7-11 plateau of SmolLM2's MLP causal-trace effect), every other field at the
     # value the library had when the 20-record run was made (ROME's GPT-2 XL values + r-ROME keys).
-    "rome": {"layer": 8, "key_position": "subject_last", "context_prefixes": None,
-             "prefix_lengths": [[5, 10], [10, 10]], "prefix_top_k": 5, "v_lr": 0.5, "v_num_grad_steps": 20,
-             "v_loss_stop": 0.05, "kl_factor": 0.0625, "kl_prompt": "{} is a", "v_weight_decay": 0.5,
-             "clamp_norm_factor": 4.0, "mom2_adjustment": True, "consistent_keys": True,
-             "min_key_alignment": 1e-4, "max_update_ratio": 10.0, **_STATS},
+    "rome": dict(SMOL_ROME),
     # MEMIT over layers 7-9 (around ROME's layer), otherwise the library's defaults at the time of writing.
     "memit": {"layers": [7, 8, 9], "key_position": "subject_last", "context_prefixes": None,
               "prefix_lengths": [[10, 5]], "prefix_top_k": 5, "v_lr": 0.5, "v_num_grad_steps": 20,

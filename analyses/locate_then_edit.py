@@ -41,6 +41,7 @@ import math
 import os
 import random
 import statistics
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -62,6 +63,9 @@ from mechedit.tracing.causal import (
 from mechedit.tracing.common import encode_target
 from mechedit.tracing.summary import summarize_traces
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # analyses/pinned.py, however this file is loaded
+from pinned import SMOL_ROME as SMOL_ROME_AT_8
+
 EMBEDDED = "embedded"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact.json"
 # ROME on SmolLM2 pinned in full (the library's defaults may change): the settings of analyses/two_plus_two.py's
@@ -70,12 +74,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact.
 # run, shared by every layer), clamp at 4 x ||v|| with no widening retry (clamp_norm_max None: ROME's own rule).
 # "layer" is what the sweep replaces by each swept layer in turn (and the trace by the fact's own peak); layer_facts
 # and layer_n_facts only serve layer="auto" and are unused here.
-SMOL_ROME = {"layer": "fact", "layer_facts": "auto", "layer_n_facts": 50, "key_position": "subject_last", "context_prefixes": None,
-             "prefix_lengths": [[5, 10], [10, 10]], "prefix_top_k": 5, "seed": 0, "v_lr": 0.5,
-             "v_num_grad_steps": 20, "v_loss_stop": 0.05, "kl_factor": 0.0625, "kl_prompt": "{} is a",
-             "v_weight_decay": 0.5, "clamp_norm_factor": 4.0, "clamp_norm_max": None, "clamp_retry_prob": 0.5,
-             "mom2_adjustment": True, "mom2_source": "model", "mom2_n_samples": 1000, "mom2_max_tokens": 64,
-             "consistent_keys": True, "min_key_alignment": 1e-4, "max_update_ratio": 10.0}
+SMOL_ROME = {**SMOL_ROME_AT_8, "layer": "fact", "layer_facts": "auto", "layer_n_facts": 50}
 PINNED = {"smollm2-135m": SMOL_ROME}
 
 

@@ -51,6 +51,7 @@ import argparse
 import json
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,9 @@ from mechedit.evaluation import EvalConfig, Evaluator
 from mechedit.evaluation.evaluator import GENERIC_PROMPTS, greedy, sample
 from mechedit.evaluation.stats import mean_ci, wilson
 from mechedit.evaluation.text import has_loop, target_share
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # analyses/pinned.py, however this file is loaded
+from pinned import EMBEDDED_STATS, ROME_COMMON, SMOL_ROME
 
 # "method" or "method:name=value;name=value" (hyperparameter overrides; the row is named by the whole string).
 # ROME's key is the subject's last token; for a sum the "subject" is "2+2", so the second variant keys the edit at
@@ -83,14 +87,7 @@ REQUEST = EditRecord(case_id=0, template="{}=", subject="2+2", target_new="5", t
 # when this study was first run); on SmolLM2 layer 8, inside the 7-11 plateau of its MLP trace effect over facts,
 # with the key statistics of analyses/counterfact_smollm2.py (1,000 texts of 64 tokens sampled from the model;
 # cached after their first computation).
-_ROME_COMMON = {"key_position": "subject_last", "context_prefixes": None, "prefix_lengths": [[5, 10], [10, 10]],
-                "prefix_top_k": 5, "seed": 0, "v_lr": 0.5, "v_num_grad_steps": 20, "v_loss_stop": 0.05,
-                "kl_factor": 0.0625, "kl_prompt": "{} is a", "v_weight_decay": 0.5, "clamp_norm_factor": 4.0,
-                "mom2_adjustment": True, "consistent_keys": True, "min_key_alignment": 1e-4,
-                "max_update_ratio": 10.0, "clamp_norm_max": None, "clamp_retry_prob": 0.5}
-EMBEDDED_ROME = {**_ROME_COMMON, "layer": 3, "mom2_source": "auto", "mom2_n_samples": 10_000,
-                 "mom2_max_tokens": 128}
-SMOL_ROME = {**_ROME_COMMON, "layer": 8, "mom2_source": "model", "mom2_n_samples": 1000, "mom2_max_tokens": 64}
+EMBEDDED_ROME = {**ROME_COMMON, **EMBEDDED_STATS, "layer": 3}
 
 # -- the study on a model without a world file (SmolLM2) ------------------------------------------------------
 FRAME = "1 + 1 = 2, 3 + 3 = 6, {} = "  # ends in the space token: the answer is one digit token
