@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import time
 from pathlib import Path
 
@@ -157,6 +158,32 @@ def key_report(model, records, hparams) -> dict:
     return out
 
 
+def unedited_neighbours(world, records, seed: int) -> list:
+    """``records`` with each neighbour prompt re-drawn from facts that none of ``records`` edits.
+
+    ``world_records`` draws a record's neighbour from all of the world's facts of its relation (another person,
+    the same true object where possible). Edited one after another, 1,000 of the world's 1,440 facts include most
+    of those neighbours' own facts (706 of the 1,000 neighbours are themselves edited by the end; 167 of the first
+    500): such a neighbour *should* change, so scoring it as neighbourhood damage measures the benchmark, not the
+    edit. Here the neighbour is drawn (seeded per record) from the same relation's facts outside the edited set,
+    of another person, with the same true object where possible, in the record's own template."""
+    from dataclasses import replace
+
+    edited = {(r.subject, r.relation_id) for r in records}
+    by_relation: dict[str, list] = {}
+    for f in world.facts:
+        if (f.subject, f.relation) not in edited:
+            by_relation.setdefault(f.relation, []).append(f)
+    out = []
+    for r in records:
+        rng = random.Random(f"{seed}/{r.case_id}/unedited-neighbour")
+        others = [f for f in by_relation.get(r.relation_id, []) if f.subject != r.subject]
+        sharing = [f for f in others if f.object == r.target_true]
+        nb = rng.choice(sharing or others) if others else None
+        out.append(replace(r, neighborhood=((r.template.replace("{}", nb.subject), nb.object),) if nb else ()))
+    return out
+
+
 def run_method(model, name, records, hparams, checkpoints, budget, base_ns) -> dict:
     from mechedit.editing.methods import edit
 
@@ -217,6 +244,9 @@ def main() -> None:
                     "(name=value, dotted for nested: memit.v_lr=0.2)")
     ap.add_argument("--seq-rome-hp", nargs="*", default=[], help="overrides of seq-rome's SequentialHyperParams")
     ap.add_argument("--key-report", action="store_true", help="also measure how the edit keys overlap")
+    ap.add_argument("--neighbours", choices=("unedited", "world-records"), default="unedited",
+                    help="neighbour prompts: re-drawn from facts no record edits (default), or world_records' own "
+                         "(most of which are edited themselves by 1,000 edits)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -230,6 +260,8 @@ def main() -> None:
     if args.n > args.pool:
         raise SystemExit(f"--n {args.n} is more than --pool {args.pool}")
     records = world_records(embedded_world(), n=args.pool, seed=args.seed)[:args.n]
+    if args.neighbours == "unedited":
+        records = unedited_neighbours(embedded_world(), records, args.seed)
     checkpoints = {c for c in map(int, args.checkpoints.split(",")) if c <= args.n} | {args.n}
     before = model.fingerprint()
     t0 = time.perf_counter()
