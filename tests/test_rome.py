@@ -586,49 +586,6 @@ def test_value_with_cached_prefixes_equals_the_whole_prompt_reference(sharp, arc
     assert live_hooks(m) == [] and not m.module(1, "mlp_out")._forward_hooks
 
 
-def test_value_through_the_update_scales_delta_by_what_the_update_delivers(sharp):
-    """update_scales gives (u·k_j)/(u·k) per prompt: with k the prefix average of the rewriting prompts' own keys,
-    they average to 1 over those prompts; the scaled optimisation agrees with ROME's whole-prompt way given the same
-    scales, and all-ones scales are ROME's own value step, bit for bit."""
-    from mechedit.editing.rome import context_templates
-    from mechedit.editing.rome.compute_u import compute_keys, compute_u
-    from mechedit.editing.rome.compute_v import compute_v, compute_v_reference, update_scales
-
-    m = sharp("llama")
-    rec = request_for(m)
-    templates = context_templates(m, FAST)
-    hp = ROMEHyperParams(**{**FAST.to_dict(), "v_num_grad_steps": 6})
-    keys = compute_keys(m, rec, 1, templates, hp.key_position)
-    u = compute_u(keys.mean, None)
-    scale = update_scales(m, rec, 1, templates, hp, u, keys.mean)
-    assert scale.shape == (len(templates) + 1,)
-    assert float(scale[:-1].mean()) == pytest.approx(1.0, abs=1e-4)
-    assert float(scale[:-1].std()) > 1e-3  # the prompts' keys differ, so the update reaches them unequally
-    bare = update_scales(m, rec, 1, templates, hp, u, keys.bare)
-    assert float(bare[0]) == pytest.approx(1.0, abs=1e-4)  # written at the bare key, the bare prompt gets all of δ
-    fast = compute_v(m, rec, 1, templates, hp, scale=scale)
-    ref = compute_v_reference(m, rec, 1, templates, hp, scale=scale)
-    torch.testing.assert_close(fast.delta, ref.delta, atol=1e-5 * float(ref.delta.norm()), rtol=1e-3)
-    plain = compute_v(m, rec, 1, templates, hp)
-    assert torch.equal(compute_v(m, rec, 1, templates, hp, scale=torch.ones_like(scale)).delta, plain.delta)
-    assert not torch.allclose(fast.delta, plain.delta)
-
-
-def test_value_through_update_edits_with_the_scales_in_evidence(sharp):
-    m = sharp("llama")
-    rec = request_for(m)
-    before = {n: p.detach().clone() for n, p in m.hf_model.named_parameters()}
-    with rome(m, rec, ROMEHyperParams(**{**FAST.to_dict(), "value_through_update": True})) as h:
-        scales = h.evidence["update_scales"]
-        assert len(scales) == len(h.evidence["templates"]) + 1
-        assert sum(scales[:-1]) / len(scales[:-1]) == pytest.approx(1.0, abs=1e-3)
-    assert all(torch.equal(p, before[n]) for n, p in m.hf_model.named_parameters())
-    with rome(m, rec, FAST) as h:
-        assert h.evidence["update_scales"] is None  # ROME's own value step by default
-    with pytest.raises(InputError, match="value_through_update"):
-        ROMEHyperParams(value_through_update="yes")
-
-
 def test_sampled_templates_are_remembered_until_the_weights_change(sharp, monkeypatch):
     from mechedit.editing.rome import context_templates, rome_main
 

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 
 from mechedit.data import EditRecord
 from mechedit.editing.rome.hparams import ROMEHyperParams
-from mechedit.editing.rome.repr_tools import (add_to_mlp_output, lookup_index, mlp_keys, pad_right,
-                                              prompt_lookup_index, split_rows, subject_prompt)
+from mechedit.editing.rome.repr_tools import (add_to_mlp_output, lookup_index, pad_right, prompt_lookup_index,
+                                              split_rows, subject_prompt)
 from mechedit.errors import MecheditError
 from mechedit.model import LoadedModel
 from mechedit.sites import Site
@@ -97,25 +97,9 @@ def _pad_id(model: LoadedModel) -> int:
     return model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
 
 
-def update_scales(model: LoadedModel, request: EditRecord, layer: int, templates: Sequence[str],
-                  hparams: ROMEHyperParams, u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """``(u·k_j) / (u·k)`` for every prompt of the value optimisation (the rewriting prompts, then the KL prompt),
-    (R + 1,) float32: the share of δ that the rank-one update ``u ⊗ δ / (u·k)`` delivers at prompt j's lookup token,
-    whose key is ``k_j`` (see ``ROMEHyperParams.value_through_update``)."""
-    rows = _rows(model, request, templates, hparams)
-    keys = mlp_keys(model, layer, pad_right(rows.ids, _pad_id(model)))  # (R + 1, T, d_mlp)
-    per_row = keys[torch.arange(len(rows.ids)), torch.tensor(rows.lookups)].double().cpu()  # (R + 1, d_mlp)
-    u, k = u.double().cpu(), k.double().cpu()
-    return (per_row @ u / (k @ u)).float()
-
-
 def compute_v(model: LoadedModel, request: EditRecord, layer: int, templates: Sequence[str],
-              hparams: ROMEHyperParams, progress: Progress | None = None,
-              scale: torch.Tensor | None = None) -> Value:
-    """Optimise δ for ``request`` at ``layer`` over ``templates`` (``"{}"`` first: the bare prompt).
-
-    ``scale`` (R + 1,): δ is added times ``scale[j]`` at row j (the rewriting prompts, then the KL prompt);
-    None adds δ itself everywhere, as ROME does (:func:`update_scales` gives what the update will deliver)."""
+              hparams: ROMEHyperParams, progress: Progress | None = None) -> Value:
+    """Optimise δ for ``request`` at ``layer`` over ``templates`` (``"{}"`` first: the bare prompt)."""
     rows = _rows(model, request, templates, hparams)
     device = model.device
     batch = split_rows(rows.ids, rows.lookups, _pad_id(model))  # every lookup token at suffix column 0
@@ -136,8 +120,8 @@ def compute_v(model: LoadedModel, request: EditRecord, layer: int, templates: Se
     pick_row = torch.tensor([r for r, _, _, _ in rows.targets] + [B - 1], device=device)
     pick_col = torch.tensor([keep.index(c) for c in cols], device=device)  # index into the kept columns
     keep = torch.tensor(keep, device=device)
-    where = torch.zeros(B, S, 1, device=device)  # (B, S, 1): 1 (or the row's scale) at its lookup token (column 0)
-    where[:, 0, 0] = 1.0 if scale is None else scale.to(device)
+    where = torch.zeros(B, S, 1, device=device)  # (B, S, 1): 1 at each row's lookup token (column 0)
+    where[:, 0] = 1.0
 
     def forward(delta: torch.Tensor, state: dict) -> torch.Tensor:
         def add_delta(act: torch.Tensor) -> torch.Tensor:  # act (B, S, d_model)
@@ -156,16 +140,15 @@ def compute_v(model: LoadedModel, request: EditRecord, layer: int, templates: Se
 
 
 def compute_v_reference(model: LoadedModel, request: EditRecord, layer: int, templates: Sequence[str],
-                        hparams: ROMEHyperParams, progress: Progress | None = None,
-                        scale: torch.Tensor | None = None) -> Value:
+                        hparams: ROMEHyperParams, progress: Progress | None = None) -> Value:
     """:func:`compute_v` as ROME computes it: every prompt whole (right-padded), through the TransformerBridge
     with δ added at ``blocks.L.hook_mlp_out``, at every step. Slower; the same δ up to floating-point noise."""
     rows = _rows(model, request, templates, hparams)
     device = model.device
     x = pad_right(rows.ids, _pad_id(model)).to(device)  # (B, T)
     B, T = x.shape
-    where = torch.zeros(B, T, 1, device=device)  # (B, T, 1): 1 (or the row's scale) at each row's lookup token
-    where[torch.arange(B), torch.tensor(rows.lookups)] = 1.0 if scale is None else scale.to(device)[:, None]
+    where = torch.zeros(B, T, 1, device=device)  # (B, T, 1): 1 at each row's lookup token
+    where[torch.arange(B), torch.tensor(rows.lookups)] = 1.0
     pick_row = torch.tensor([r for r, _, _, _ in rows.targets] + [B - 1], device=device)
     pick_pos = torch.tensor([pos for _, pos, _, _ in rows.targets] + [rows.lookups[-1]], device=device)
     hook_name = Site(layer, "mlp_out").hook_name

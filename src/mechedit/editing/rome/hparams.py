@@ -87,12 +87,6 @@ class ROMEHyperParams(HyperParams):
     # defines u. Original ROME put the key of the bare prompt in the denominator instead; the mismatch sometimes
     # blows the update up ("model collapse"). False reproduces the original.
     consistent_keys: bool = True
-    # Optimise the value as the update will deliver it. ROME adds the same δ at the lookup token of every prompt
-    # while it optimises, but the rank-one update then gives prompt j only δ·(u·k_j)/(u·k): the bare prompt, whose
-    # key is not the prefix average, may get much less than the optimisation counted on, and the edit can fail on
-    # the very prompt it was asked for (SmolLM2: 3 of 99 CounterFact edits). True scales δ at each prompt (and at
-    # the KL prompt) by that factor during the optimisation. False is ROME's (and r-ROME's) value step.
-    value_through_update: bool = False
     # Refusals (degenerate updates are never applied). The denominator k*·u is compared with ||k*||: u = C^-1 k*
     # normalised, so the ratio is the cosine between k* and C^-1 k*; below this, C^-1 is amplifying directions
     # k* barely has (an ill-conditioned C, too few statistics samples).
@@ -137,7 +131,7 @@ class ROMEHyperParams(HyperParams):
             raise InputError(f"kl_prompt must contain exactly one '{{}}' for the subject, got {self.kl_prompt!r}")
         if not isinstance(self.mom2_source, str) or not self.mom2_source.strip():
             raise InputError("mom2_source must be 'auto', 'world', 'model', 'hf:NAME[:CONFIG]' or a text file path")
-        for name in ("mom2_adjustment", "consistent_keys", "value_through_update"):
+        for name in ("mom2_adjustment", "consistent_keys"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}")
 

@@ -40,7 +40,7 @@ from mechedit.arch import linear_weight_in_out
 from mechedit.data import EditRecord
 from mechedit.editing.handle import EditHandle
 from mechedit.editing.rome.compute_u import compute_keys, compute_u
-from mechedit.editing.rome.compute_v import compute_v, update_scales
+from mechedit.editing.rome.compute_v import compute_v
 from mechedit.editing.rome.hparams import ROMEHyperParams
 from mechedit.editing.rome.layer_choice import choose_layer
 from mechedit.editing.rome.layer_stats import LayerStats, describe, layer_stats
@@ -97,11 +97,10 @@ def rome(model: LoadedModel, request: EditRecord, hparams: ROMEHyperParams | Non
     u = compute_u(keys.mean, stats)  # (d_mlp,) float64, unit norm
     k = (keys.mean if hparams.consistent_keys else keys.bare).double().cpu()  # (d_mlp,): the key written to
     weight = model.module(layer, "mlp_out").weight
-    scale = update_scales(model, request, layer, templates, hparams, u, k) if hparams.value_through_update else None
     clamp, tries = hparams.clamp_norm_factor, []
     while True:
         value = compute_v(model, request, layer, templates, replace(hparams, clamp_norm_factor=clamp),
-                          progress=(lambda d, t: progress("value", d, t)) if progress else None, scale=scale)
+                          progress=(lambda d, t: progress("value", d, t)) if progress else None)
         update, denominator, alignment, ratio = _rank_one(value.delta, k, u, weight, model.conv1d, layer, hparams)
         if hparams.clamp_norm_max is None or clamp >= hparams.clamp_norm_max or not value.on_clamp(clamp):
             break
@@ -123,7 +122,6 @@ def rome(model: LoadedModel, request: EditRecord, hparams: ROMEHyperParams | Non
         "delta_norm": float(delta.norm()), "value_norm": float(value.v_init.norm()),
         "update_norm": float(update.double().norm()), "update_ratio": ratio,
         "target_prob": value.target_prob, "clamp_norm_factor": clamp, "clamp_tries": tries,
-        "update_scales": None if scale is None else [round(float(x), 4) for x in scale],
         "v_steps": len(value.losses), "v_losses": value.losses,
         "stats": describe(stats) if stats is not None else None,
         "seconds": round(time.perf_counter() - started, 4),
