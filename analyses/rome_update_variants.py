@@ -10,14 +10,18 @@ updates and each scored on the same record. Variants (``--variants``, comma-sepa
   ``model-1000`` is the pinned run's, so that column must reproduce its scores);
 * ``identity``: ``C = I`` (ROME without statistics);
 * ``cf-text``: ``C`` from CounterFact itself - the sentence "prompt + true target" of every record *not* drawn
-  for the study (~21,800 short factual sentences: the kind of text neighbour prompts are);
+  for the study (~21,800 short factual sentences: the kind of text neighbour prompts are); ``cf-clean``: the same
+  without the records whose subject is named in any drawn record's prompt, paraphrase or neighbour prompt (so
+  no statistics text is about a subject the scores ask about);
 * ``bare-key``: original ROME's denominator (the bare prompt's key, not the prefix-averaged one; r-ROME's fix
   undone), with ``model-1000``; ``X+bare``: the same with variant X's statistics.
 
 Each record's line in ``records.jsonl`` holds every variant's scores and the value's evidence; the run resumes
-from it. ``--summarise`` writes ``summary.md`` / ``summary.json``: ES / PS / NS per variant with Wilson
-intervals, NS paired against the unedited model on the same records (right -> wrong / wrong -> right), and the
-mean |Δ margin| on neighbour prompts (how much the neighbours move, flipped or not).
+from it. An update ROME refuses as degenerate (``max_update_ratio``, ``min_key_alignment``) leaves the model
+unedited: that variant's scores are the unedited model's, marked ``refused``. ``--summarise`` writes
+``summary.md`` / ``summary.json``: ES / PS / NS per variant with Wilson intervals, NS paired against the
+unedited model on the same records (right -> wrong / wrong -> right), and the mean |Δ margin| on neighbour
+prompts (how much the neighbours move, flipped or not).
 
     OMP_NUM_THREADS=1 python analyses/rome_update_variants.py --n 100 --out docs/results/rome-update-variants
 """
@@ -35,7 +39,7 @@ KEYS = ("efficacy_success", "paraphrase_success", "neighborhood_success")
 SHORT = {"efficacy_success": "ES", "paraphrase_success": "PS", "neighborhood_success": "NS"}
 
 
-def variant_stats(model, name: str, layer: int, hp, cf_text: list[str]):
+def variant_stats(model, name: str, layer: int, hp, cf_text: dict[str, list[str]]):
     """(LayerStats or None, use the bare key?) for one variant name."""
     from mechedit.editing.rome.layer_stats import layer_stats
 
@@ -45,8 +49,8 @@ def variant_stats(model, name: str, layer: int, hp, cf_text: list[str]):
         return variant_stats(model, "model-1000", layer, hp, cf_text)[0], True
     if name.endswith("+bare"):
         return variant_stats(model, name[: -len("+bare")], layer, hp, cf_text)[0], True
-    if name == "cf-text":
-        return layer_stats(model, layer, cf_text, len(cf_text), max_tokens=hp.mom2_max_tokens), False
+    if name in cf_text:
+        return layer_stats(model, layer, cf_text[name], len(cf_text[name]), max_tokens=hp.mom2_max_tokens), False
     if name.startswith("model-"):
         return layer_stats(model, layer, "model", int(name.split("-", 1)[1]), max_tokens=hp.mom2_max_tokens,
                            seed=hp.seed, top_k=hp.prefix_top_k), False
@@ -66,7 +70,7 @@ def run(args) -> None:
         _rank_one,
         context_templates,
     )
-    from mechedit.errors import InputError
+    from mechedit.errors import InputError, MecheditError
     from mechedit.evaluation.counterfact import SCORE_KEYS, rewrite_scores
 
     torch.set_num_threads(args.threads)
@@ -76,14 +80,19 @@ def run(args) -> None:
     all_records = read_counterfact(args.data)
     records = cf.draw(all_records, args.n, args.seed)
     drawn = {r.case_id for r in records}
-    cf_text = [f"{r.prompt} {r.target_true}" for r in all_records if r.case_id not in drawn and r.target_true]
+    cf_text = {"cf-text": [f"{r.prompt} {r.target_true}" for r in all_records
+                           if r.case_id not in drawn and r.target_true]}
+    # the same without any record whose subject is named in a drawn record's prompts (edit, paraphrase, neighbour)
+    asked = [p for r in records for p in (r.prompt, *r.paraphrases, *(q for q, _ in r.neighborhood))]
+    cf_text["cf-clean"] = [f"{r.prompt} {r.target_true}" for r in all_records if r.case_id not in drawn
+                           and r.target_true and not any(r.subject in p for p in asked)]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "records.jsonl"
     done = {e["case_id"] for e in read_lines(log)}
     config = {"model": model.name, "model_fingerprint": model.fingerprint(), "data": str(args.data), "n": args.n,
               "seed": args.seed, "threads": torch.get_num_threads(), "layer": layer, "variants": variants,
-              "hparams": hp.to_dict(), "cf_text_samples": len(cf_text)}
+              "hparams": hp.to_dict(), "cf_text_samples": {k: len(v) for k, v in cf_text.items()}}
     stats = {}
     for v in variants:
         t, c = time.perf_counter(), time.process_time()
@@ -121,7 +130,11 @@ def run(args) -> None:
             s, bare = stats[v]
             u = compute_u(keys.mean, s)
             k = (keys.bare if bare else keys.mean).double().cpu()
-            update, _, alignment, ratio = _rank_one(value.delta, k, u, weight, model.conv1d, layer, hp)
+            try:
+                update, _, alignment, ratio = _rank_one(value.delta, k, u, weight, model.conv1d, layer, hp)
+            except MecheditError as e:  # ROME refuses a degenerate update: the model stays as it was
+                entry["variants"][v] = {"scores": entry["unedited"], "refused": str(e)}
+                continue
             try:
                 weight.data.add_(update)
                 scores = {k2: v2 for k2, v2 in rewrite_scores(model, rec).items() if k2 in SCORE_KEYS}
@@ -146,6 +159,26 @@ def read_lines(path: Path) -> list[dict]:
 def append(path: Path, entry: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps(entry) + "\n")
+
+
+def merge(out: Path, other: Path) -> None:
+    """Add the variants of a second run over the same records (``other``) to ``out``'s records and config. The
+    value is deterministic, so both runs must have optimised the same one per record (checked)."""
+    extra = {e["case_id"]: e for e in read_lines(other / "records.jsonl") if "variants" in e}
+    entries = read_lines(out / "records.jsonl")
+    for e in entries:
+        x = extra.get(e["case_id"])
+        if "variants" not in e or x is None:
+            continue
+        if x["value"] != e["value"]:
+            raise SystemExit(f"record {e['case_id']}: the two runs optimised different values")
+        e["variants"].update({k: v for k, v in x["variants"].items() if k not in e["variants"]})
+    (out / "records.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    config, more = json.loads((out / "config.json").read_text()), json.loads((other / "config.json").read_text())
+    config["variants"] += [v for v in more["variants"] if v not in config["variants"]]
+    config["stats"].update({k: v for k, v in more["stats"].items() if k not in config["stats"]})
+    config["cf_text_samples"] = more["cf_text_samples"]
+    (out / "config.json").write_text(json.dumps(config, indent=1))
 
 
 def summarise(out: Path) -> dict:
@@ -176,6 +209,7 @@ def summarise(out: Path) -> dict:
                  for e in entries if e["unedited"].get("neighborhood_magnitude") is not None]
         row["neighbour_margin_move_mean"] = sum(moves) / len(moves)
         row["es_failures"] = [e["case_id"] for e in entries if e["variants"][v]["scores"]["efficacy_success"] <= 0.5]
+        row["refused"] = [e["case_id"] for e in entries if "refused" in e["variants"][v]]
         rows[v] = row
     summary = {"n_edited": len(entries), "variants": variants, "rows": rows,
                "cpu_s_median": sorted(e["cpu_s"] for e in entries)[len(entries) // 2] if entries else None}
@@ -209,8 +243,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("runs/rome-update-variants"))
     ap.add_argument("--summarise", action="store_true")
+    ap.add_argument("--merge", type=Path, default=None, help="add the variants of another run's --out, then summarise")
     args = ap.parse_args()
-    if args.summarise:
+    if args.merge is not None:
+        merge(args.out, args.merge)
+        summarise(args.out)
+    elif args.summarise:
         summarise(args.out)
     else:
         run(args)
