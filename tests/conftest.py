@@ -3,7 +3,9 @@ embedded model, and the shared data directory."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,6 +16,27 @@ torch.set_num_threads(int(os.environ.get("MECHEDIT_TEST_THREADS", "1")))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TINY_ARCHS = ("gpt2", "llama", "qwen2", "gpt_neox")
+ANALYSES = Path(__file__).resolve().parents[1] / "analyses"
+
+
+@pytest.fixture(scope="session")
+def analysis_script():
+    """``load(name)``: the script ``analyses/NAME.py`` as a module, loaded once per session (the studies are
+    scripts, not a package; registered in ``sys.modules`` because dataclasses look their module up there)."""
+    loaded: dict[str, object] = {}
+
+    def load(name: str):
+        if name not in loaded:
+            spec = importlib.util.spec_from_file_location(f"analysis_{name}", ANALYSES / f"{name}.py")
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = mod
+            spec.loader.exec_module(mod)
+            loaded[name] = mod
+        return loaded[name]
+
+    yield load
+    for name in loaded:
+        sys.modules.pop(f"analysis_{name}", None)
 
 
 @pytest.fixture(scope="session")

@@ -5,24 +5,17 @@ here."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
 import mechedit.editing  # noqa: F401  (importing mechedit.evaluation first hits a circular import in the library)
 from mechedit.evaluation.stats import wilson
 
-SCRIPT = Path(__file__).resolve().parents[1] / "analyses" / "counterfact_smollm2.py"
-
 
 @pytest.fixture(scope="module")
-def cf():
-    spec = importlib.util.spec_from_file_location("counterfact_smollm2", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def cf(analysis_script):
+    return analysis_script("counterfact_smollm2")
 
 
 def test_draw_is_a_prefix_of_a_larger_draw(cf):

@@ -4,11 +4,8 @@ No edit is made here (tests/test_elm.py covers the editor)."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,19 +13,10 @@ import torch
 import mechedit.editing  # noqa: F401  (before mechedit.evaluation: their imports are circular the other way round)
 from mechedit.evaluation.stats import mean_ci, wilson
 
-SCRIPT = Path(__file__).resolve().parents[1] / "analyses" / "elm_cluster.py"
-
 
 @pytest.fixture(scope="module")
-def study():
-    spec = importlib.util.spec_from_file_location("elm_cluster_study", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up by name
-    try:
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        sys.modules.pop(spec.name, None)
+def study(analysis_script):
+    return analysis_script("elm_cluster")
 
 
 def test_rate_is_wilson_over_prompts(study):

@@ -6,9 +6,6 @@ itself is not tested here (minutes per fact)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -18,15 +15,10 @@ from mechedit.editing.sweep import LayerSweepResult
 from mechedit.errors import InputError
 from mechedit.tracing.causal import CausalTraceConfig, CausalTraceResult
 
-SCRIPT = Path(__file__).resolve().parents[1] / "analyses" / "locate_then_edit.py"
-
 
 @pytest.fixture(scope="module")
-def lte():
-    spec = importlib.util.spec_from_file_location("locate_then_edit", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def lte(analysis_script):
+    return analysis_script("locate_then_edit")
 
 
 def test_parse_layers(lte):

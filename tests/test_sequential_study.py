@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 from mechedit.toy.export import embedded_world, world_records
 
-SCRIPT = Path(__file__).resolve().parents[1] / "analyses" / "sequential_edits.py"
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("study_sequential_edits", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_neighbours_are_redrawn_outside_the_edited_facts():
-    seq = _load()
+def test_neighbours_are_redrawn_outside_the_edited_facts(analysis_script):
+    seq = analysis_script("sequential_edits")
     world = embedded_world()
     records = world_records(world, n=1000, seed=0)
     edited = {(r.subject, r.relation_id) for r in records}

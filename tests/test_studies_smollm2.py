@@ -6,9 +6,7 @@ unedited row must be 1 everywhere by construction. The SmolLM2 runs themselves a
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -18,25 +16,15 @@ import mechedit.editing  # noqa: F401  (importing mechedit.evaluation first hits
 from mechedit.editing.methods import edit, make_hparams
 from mechedit.editing.rome.hparams import ROMEHyperParams
 
-ANALYSES = Path(__file__).resolve().parents[1] / "analyses"
 
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"study_{name}", ANALYSES / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+@pytest.fixture(scope="module")
+def tpt(analysis_script):
+    return analysis_script("two_plus_two")
 
 
 @pytest.fixture(scope="module")
-def tpt():
-    return _load("two_plus_two")
-
-
-@pytest.fixture(scope="module")
-def bel():
-    return _load("beliefs")
+def bel(analysis_script):
+    return analysis_script("beliefs")
 
 
 def test_first_answer_reads_the_first_number_or_word(tpt):
@@ -56,8 +44,8 @@ def test_said_needs_the_whole_object_at_the_start(bel):
 
 @pytest.mark.parametrize("mod_name,pins", [("two_plus_two", ("EMBEDDED_ROME", "SMOL_ROME")),
                                            ("beliefs", ("EMBEDDED_ROME", "GENERAL_ROME"))])
-def test_rome_is_pinned_in_full(mod_name, pins):
-    mod = _load(mod_name)
+def test_rome_is_pinned_in_full(analysis_script, mod_name, pins):
+    mod = analysis_script(mod_name)
     every = {f.name for f in fields(ROMEHyperParams)}
     for pin in pins:
         d = getattr(mod, pin)

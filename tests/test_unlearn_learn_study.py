@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 import mechedit.editing  # noqa: F401 - importing mechedit.evaluation first hits a circular import (editing.sweep)
 from mechedit.evaluation.stats import wilson
 
-_PATH = Path(__file__).resolve().parents[1] / "analyses" / "unlearn_learn.py"
-
 
 @pytest.fixture(scope="module")
-def study():
-    spec = importlib.util.spec_from_file_location("unlearn_learn_study", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def study(analysis_script):
+    return analysis_script("unlearn_learn")
 
 
 @pytest.mark.parametrize("text,answer,expected", [
