@@ -199,3 +199,31 @@ def test_fingerprint_is_cached_until_a_weight_changes(tiny_dir, monkeypatch):
     with torch.no_grad():
         m.module(0, "mlp_out").weight.add_(1.0)
     assert m.fingerprint() != fp and calls  # an in-place edit invalidates it
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_a_cached_forward_keeps_its_keys_and_values_through_the_bridge(tiny_dir, arch):
+    """ROME's and MEMIT's value optimisations and generation reuse a KV cache through the bridged model. With
+    transformers 5.24+ and transformer-lens 4.3.0 the cache stays empty (the argument was renamed): this fails
+    there, so an incompatible install is caught here, not by edits that quietly do not take."""
+    from mechedit.model import prefix_cache
+
+    m = mechedit.load(tiny_dir(arch))
+    ids = torch.tensor([m.encode("The Eiffel Tower is located in the city of")])
+    with torch.no_grad():
+        whole = m.hf_model(input_ids=ids, use_cache=False).logits[0, 3:]
+        cache = prefix_cache(m.hf_model, ids[:, :3])
+        assert cache.get_seq_length() == 3
+        rest = m.hf_model(input_ids=ids[:, 3:], past_key_values=cache, use_cache=True).logits[0]
+    torch.testing.assert_close(rest, whole, atol=1e-4, rtol=1e-4)
+    m.check_kv_cache()
+
+
+def test_a_cache_that_stays_empty_is_one_clear_error():
+    from transformers import DynamicCache
+
+    from mechedit.errors import MecheditError
+    from mechedit.model import prefix_cache
+
+    with pytest.raises(MecheditError, match=r"transformers>=5.9,<5.24.*Nothing was changed"):
+        prefix_cache(lambda **kw: {"cache": DynamicCache()}, torch.zeros(1, 4, dtype=torch.long))

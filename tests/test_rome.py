@@ -638,3 +638,22 @@ def test_clamp_is_widened_only_for_an_edit_that_did_not_take(embedded):
 def next_token_probs(m, rec: EditRecord) -> float:
     """p(first token of the new target) after the bare prompt."""
     return float(next_token_logits(m, rec.prompt).softmax(-1)[target_id(m, rec)])
+
+
+def test_an_environment_whose_kv_cache_stays_empty_refuses_the_edit_and_changes_nothing(sharp, monkeypatch):
+    """What transformers 5.24+ with transformer-lens 4.3.0 did: the prefix's keys and values never reach the
+    cache, so δ would be optimised on prompts without their prefixes. ROME says so and leaves the weights."""
+    from transformers import DynamicCache
+
+    from mechedit.editing.rome import compute_v as cv
+    from mechedit.model import prefix_cache
+
+    m = sharp("llama")
+    rec = request_for(m)
+    before = snapshot(m)
+    monkeypatch.setattr(cv, "prefix_cache",
+                        lambda forward, ids, **kw: prefix_cache(lambda **k: {"cache": DynamicCache()}, ids, **kw))
+    hp = replace(FAST, context_prefixes=("A short prefix.",))
+    with pytest.raises(MecheditError, match="does not pass the KV cache"):
+        rome(m, rec, hp)
+    assert same_weights(m, before) and live_hooks(m) == []

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from mechedit.arch import ARCHITECTURES, ArchSpec
-from mechedit.errors import InputError, ModelLoadError
+from mechedit.errors import InputError, MecheditError, ModelLoadError
 from mechedit.hub import KNOWN_MODELS, cache_dir
 from mechedit.sites import Site, as_site
 
@@ -56,6 +56,7 @@ class LoadedModel:
     n_ctx: int
     tied_embeddings: bool
     _fingerprint_cache: tuple | None = field(default=None, repr=False, compare=False)
+    _kv_cache_checked: bool = field(default=False, repr=False, compare=False)
 
     # -- facts ----------------------------------------------------------------------------------------------
     @property
@@ -116,6 +117,15 @@ class LoadedModel:
     def token_strings(self, ids: list[int]) -> list[str]:
         return [self.tokenizer.decode([i]) for i in ids]
 
+    def check_kv_cache(self) -> None:
+        """Raise :class:`MecheditError` unless a cached forward through this model keeps its keys and values
+        (see :func:`prefix_cache`); checked once per model, on two tokens. Generation calls it first."""
+        if not self._kv_cache_checked:
+            ids = torch.zeros(1, 2, dtype=torch.long, device=self.device)  # any two tokens
+            with torch.no_grad():
+                prefix_cache(self.hf_model, ids)
+            self._kv_cache_checked = True
+
     def fingerprint(self) -> str:
         """A short hash of every weight as they are now: identifies "the same model" for saved edits and cached
         statistics. Cached against the tensors' in-place version counters, so it follows in-place edits and
@@ -132,6 +142,30 @@ class LoadedModel:
         digest = h.hexdigest()[:16]
         self._fingerprint_cache = (versions, digest)
         return digest
+
+
+def prefix_cache(forward, input_ids: torch.Tensor, **kwargs):
+    """``forward(input_ids=..., use_cache=True, **kwargs)`` (an HF model or its base model) and the KV cache it
+    returns, checked to hold every one of ``input_ids``' (B, P) positions.
+
+    ROME's and MEMIT's value optimisations run the tokens before the lookup token once and reuse their keys and
+    values at every step; generation does the same token by token. Through TransformerBridge that needs the
+    cache argument to reach the bridged attention: transformers 5.24 renamed it (``past_key_values`` ->
+    ``cache``) and transformer-lens 4.3.0's attention bridge reads only ``past_key_values``, so the cache stays
+    empty and every later forward silently ignores the prefix (edits that do not take, garbage generations).
+    This check turns that into one clear error before anything is changed."""
+    out = forward(input_ids=input_ids, use_cache=True, **kwargs)
+    cache = out["past_key_values"] if "past_key_values" in out else out.get("cache")
+    if cache is None or cache.get_seq_length() != input_ids.shape[1]:
+        import transformers
+
+        raise MecheditError(
+            f"this transformers ({transformers.__version__}) does not pass the KV cache through TransformerBridge: "
+            f"a cached forward kept {0 if cache is None else cache.get_seq_length()} of {input_ids.shape[1]} "
+            "positions (transformers 5.24 renamed past_key_values to cache; transformer-lens 4.3.0 reads only "
+            "past_key_values). Install a compatible one: pip install 'transformers>=5.9,<5.24'. Nothing was "
+            "changed")
+    return cache
 
 
 def canonical_param_name(name: str) -> str:

@@ -41,6 +41,7 @@ def iter_sampled_texts(model: LoadedModel, n: int, length: int, *, top_k: int = 
     if length + 1 > model.n_ctx:
         raise InputError(f"cannot sample {length} tokens after the start token: the model's context is "
                          f"{model.n_ctx} tokens")
+    model.check_kv_cache()  # generation reuses each step's keys and values
     start = start_token(model)
     tok = model.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else start

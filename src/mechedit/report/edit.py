@@ -123,6 +123,7 @@ def greedy(model, prompts: Sequence[str], max_new_tokens: int = MAX_NEW_TOKENS) 
     """Each prompt's greedy continuation (special tokens dropped)."""
     tok = model.tokenizer
     pad = next((t for t in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) if t is not None), 0)
+    model.check_kv_cache()  # generation reuses each step's keys and values
     out = []
     for p in prompts:
         ids = torch.tensor([model.encode(p)], device=model.device)  # (1, T)

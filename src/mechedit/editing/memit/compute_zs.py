@@ -52,7 +52,7 @@ from mechedit.editing.memit.hparams import MEMITHyperParams
 from mechedit.editing.rome.repr_tools import lookup_index, subject_prompt
 from mechedit.editing.training import unbridged_copy
 from mechedit.errors import MecheditError
-from mechedit.model import LoadedModel, resolve_module
+from mechedit.model import LoadedModel, prefix_cache, resolve_module
 
 Progress = Callable[[int, int], None]  # (requests done, requests in all)
 
@@ -190,8 +190,7 @@ def _optimise_chunk_reference(model: LoadedModel, hf: torch.nn.Module, prep: Pre
         from transformers import DynamicCache
 
         with torch.no_grad():
-            cache = root(input_ids=x_pre, attention_mask=mask[:, :P], position_ids=pos_pre,
-                         use_cache=True).past_key_values
+            cache = prefix_cache(root, x_pre, attention_mask=mask[:, :P], position_ids=pos_pre)
         past = [(lay.keys.detach(), lay.values.detach()) for lay in cache.layers]  # per layer (B, h, P, d_head)
 
     row_req = torch.tensor(row_req, device=dev)
@@ -366,8 +365,8 @@ def _optimise_chunk(model: LoadedModel, hf: torch.nn.Module, prep: Prepared, gro
         past = None
         with torch.no_grad():
             if P > 0:
-                cache = root(input_ids=split.prefix.to(dev), attention_mask=mask[:, :P], position_ids=pos[:, :P],
-                             use_cache=True).past_key_values
+                cache = prefix_cache(root, split.prefix.to(dev), attention_mask=mask[:, :P],
+                                     position_ids=pos[:, :P])
                 past = [(lay.keys, lay.values) for lay in cache.layers]  # per layer (b, h, P, d_head)
             box = {}
 

@@ -40,7 +40,7 @@ from mechedit.editing.rome.hparams import ROMEHyperParams
 from mechedit.editing.rome.repr_tools import (add_to_mlp_output, lookup_index, pad_right, prompt_lookup_index,
                                               split_rows, subject_prompt)
 from mechedit.errors import MecheditError
-from mechedit.model import LoadedModel
+from mechedit.model import LoadedModel, prefix_cache
 from mechedit.sites import Site
 from mechedit.tracing.common import hooks, prepare_prompt
 
@@ -110,9 +110,8 @@ def compute_v(model: LoadedModel, request: EditRecord, layer: int, templates: Se
     cache = None
     if batch.width > 0:  # the tokens before every lookup token: once, keeping their keys and values
         with torch.no_grad():
-            cache = model.hf_model(input_ids=batch.prefix.to(device), attention_mask=mask[:, :batch.width],
-                                   position_ids=batch.positions[:, :batch.width].to(device),
-                                   use_cache=True).past_key_values
+            cache = prefix_cache(model.hf_model, batch.prefix.to(device), attention_mask=mask[:, :batch.width],
+                                 position_ids=batch.positions[:, :batch.width].to(device))
     # the (row, suffix column) of every scored distribution: target tokens, then the KL prompt's lookup token
     # Only those columns are unembedded (``logits_to_keep``): a vocabulary-sized matmul saved per other column.
     cols = [batch.column(r, pos) for r, pos, _, _ in rows.targets] + [0]
