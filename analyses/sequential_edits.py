@@ -29,16 +29,19 @@ import argparse
 import json
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling analyses (counterfact_smollm2's draw)
 
 class _OutOfTime(Exception):
     pass
 
 
+COUNTERFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact.json"
 KEYS = {"ES": "efficacy_success", "PS": "paraphrase_success", "NS": "neighborhood_success"}
 
 
@@ -89,9 +92,20 @@ def diagnose(model, records, per_record: dict, immediate: list) -> dict:
                                       "ES_immediate": pct([immediate[i] for i in idx]),
                                       "ES_now": pct([es[i] for i in idx]),
                                       "NS_now": pct([per_record["NS"][i] for i in idx])})
-    # neighbours: does the neighbour's subject end in the name piece of some edited subject?
+    # neighbours: does the neighbour's subject end in the name piece of some edited subject? Is the neighbour's
+    # subject itself edited (in another relation: its own fact is never edited, see unedited_neighbours)?
     edited_pieces = set(pieces)
-    nb = [_neighbour_piece(model, r) if r.neighborhood else None for r in recs]
+    nb_subjects = [_neighbour_subject(r) if r.neighborhood else None for r in recs]
+    nb = [last_piece(model, s) if s else None for s in nb_subjects]
+    edited_subjects = {r.subject for r in recs}  # the model being scored holds all n edits
+    nb_edited = [None if s is None else s in edited_subjects for s in nb_subjects]
+    out["NS_by_neighbour_subject_edited"] = []
+    for value in (True, False):
+        idx = [i for i in range(n) if nb_edited[i] is value]
+        if idx:
+            out["NS_by_neighbour_subject_edited"].append({"neighbour_subject_has_an_edited_fact": value,
+                                                          "n": len(idx),
+                                                          "NS_now": pct([per_record["NS"][i] for i in idx])})
     out["NS_by_neighbour_piece"] = []
     for value in (True, False):
         idx = [i for i in range(n) if nb[i] is not None and (nb[i] in edited_pieces) == value]
@@ -101,14 +115,32 @@ def diagnose(model, records, per_record: dict, immediate: list) -> dict:
     return out
 
 
-def _neighbour_piece(model, record) -> str | None:
-    """The last token of the neighbour prompt's subject (the neighbour prompt is the record's template filled with
-    another subject)."""
+def ns_by_neighbour_subject(records, ns: list, ns_before: list) -> dict:
+    """NS now and before, split by whether the neighbour's subject (another person) has had one of its *other*
+    facts edited by ``records`` (the model holds all of them). Editing a subject's key moves all its facts
+    (study 4: ROME keeps 38-45% of the same person's other facts on the embedded model), so a neighbour whose
+    person was edited asks something else of an editor than one whose person was not. Empty where the neighbour
+    prompts do not name their subject through the record's template (CounterFact)."""
+    edited = {r.subject for r in records}
+    flag = [None if not r.neighborhood or _neighbour_subject(r) is None else _neighbour_subject(r) in edited
+            for r in records]
+    out = {}
+    for value, name in ((True, "nb_person_edited"), (False, "nb_person_unedited")):
+        idx = [i for i, f in enumerate(flag) if f is value]
+        if idx:
+            out[name] = {"n": len(idx), "NS": pct([ns[i] for i in idx]), "NS_before": pct([ns_before[i] for i in idx])}
+    return out
+
+
+def _neighbour_subject(record) -> str | None:
+    """The neighbour prompt's subject, where the neighbour prompt is the record's template filled with another
+    subject (the embedded world's records); None otherwise (CounterFact's neighbour prompts have templates of
+    their own)."""
     prompt = record.neighborhood[0][0]
     before, _, after = record.template.partition("{}")
-    subject = prompt[len(before):len(prompt) - len(after)] if prompt.startswith(before) and prompt.endswith(after) \
-        else None
-    return last_piece(model, subject) if subject else None
+    if prompt.startswith(before) and prompt.endswith(after) and len(prompt) > len(before) + len(after):
+        return prompt[len(before):len(prompt) - len(after)]
+    return None
 
 
 def key_report(model, records, hparams) -> dict:
@@ -208,6 +240,7 @@ def run_method(model, name, records, hparams, checkpoints, budget, base_ns) -> d
                  "immediate_ES": pct(immediate[:done]), "edit_seconds": round(edit_seconds, 1),
                  "cpu_seconds": round(time.process_time() - cpu0, 1)}
         point["NS_drop"] = round(point["NS_before"][0] - point["NS"][0], 2)
+        point.update(ns_by_neighbour_subject(records[:done], s["NS"], base_ns[:done]))
         points.append(point)
         points_eval[0] += time.perf_counter() - t0
         print(f"  {name} {done:5d} edits: ES {point['ES'][0]:.1f}  PS {point['PS'][0]:.1f}  NS {point['NS'][0]:.1f} "
@@ -247,34 +280,51 @@ def main() -> None:
     ap.add_argument("--neighbours", choices=("unedited", "world-records"), default="unedited",
                     help="neighbour prompts: re-drawn from facts no record edits (default), or world_records' own "
                          "(most of which are edited themselves by 1,000 edits)")
+    ap.add_argument("--counterfact", nargs="?", const=str(COUNTERFACT), default=None, metavar="FILE",
+                    help="edit random CounterFact records (seeded draw of analyses/counterfact_smollm2.py; default "
+                         "file ../shared/data/counterfact.json) on --model instead of the embedded world's facts; "
+                         "each record keeps its own neighbour prompt")
+    ap.add_argument("--model", default=None, help="model to edit (with --counterfact; default smollm2-135m)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     import mechedit
-    from mechedit.editing.memit import MEMITHyperParams
-    from mechedit.editing.rome import ROMEHyperParams
     from mechedit.editing.sequential import SequentialHyperParams
-    from mechedit.toy.export import embedded_world, world_records
 
-    model = mechedit.load()
     if args.n > args.pool:
         raise SystemExit(f"--n {args.n} is more than --pool {args.pool}")
-    records = world_records(embedded_world(), n=args.pool, seed=args.seed)[:args.n]
-    if args.neighbours == "unedited":
-        records = unedited_neighbours(embedded_world(), records, args.seed)
+    if args.counterfact:
+        import counterfact_smollm2 as cf  # the seeded draw and SmolLM2's pinned ROME / MEMIT hyperparameters
+        from mechedit.data import read_counterfact
+
+        model = mechedit.load(args.model or "smollm2-135m")
+        records = cf.draw(read_counterfact(args.counterfact), args.pool, args.seed)[:args.n]
+        # ROME and MEMIT as the CounterFact study pins them (ROME at layer 8, MEMIT over 7-9, statistics from
+        # 1,000 model-sampled texts); seq-rome with MEMIT's 5 prefixes of 10 tokens, as on the embedded model.
+        hparams = {"seq-rome": SequentialHyperParams(rome={**cf.HPARAMS["rome"], "prefix_lengths": [[10, 5]]}),
+                   "alphaedit": SequentialHyperParams(memit=cf.HPARAMS["memit"])}
+    else:
+        from mechedit.editing.memit import MEMITHyperParams
+        from mechedit.editing.rome import ROMEHyperParams
+        from mechedit.toy.export import embedded_world, world_records
+
+        model = mechedit.load(args.model)
+        records = world_records(embedded_world(), n=args.pool, seed=args.seed)[:args.n]
+        if args.neighbours == "unedited":
+            records = unedited_neighbours(embedded_world(), records, args.seed)
+        # The embedded model's MLP causal-trace effect at the last subject token peaks at layer 1 (ROME's layer)
+        # and spans layers 0-2 (AlphaEdit's MEMIT range); docs/embedded-model.md. Both use 5 context prefixes of
+        # 10 tokens (MEMIT's choice; ROME samples 20), so they see the same prompts. Every hyperparameter either
+        # depends on is passed here and recorded in the results.
+        hparams = {"seq-rome": SequentialHyperParams(rome=ROMEHyperParams(layer=1, prefix_lengths=((10, 5),),
+                                                                          clamp_norm_factor=4.0)),
+                   "alphaedit": SequentialHyperParams(memit=MEMITHyperParams(layers=(0, 1, 2)))}
     checkpoints = {c for c in map(int, args.checkpoints.split(",")) if c <= args.n} | {args.n}
     before = model.fingerprint()
     t0 = time.perf_counter()
     base = score(model, records)
     print(f"unedited: ES {pct(base['ES'])[0]:.1f} NS {pct(base['NS'])[0]:.1f} ({time.perf_counter() - t0:.0f}s)",
           flush=True)
-    # The embedded model's MLP causal-trace effect at the last subject token peaks at layer 1 (ROME's layer)
-    # and spans layers 0-2 (AlphaEdit's MEMIT range); docs/embedded-model.md.
-    # Both use 5 context prefixes of 10 tokens (MEMIT's choice; ROME samples 20), so they see the same prompts.
-    # Every hyperparameter either depends on is passed here and recorded in the results.
-    hparams = {"seq-rome": SequentialHyperParams(rome=ROMEHyperParams(layer=1, prefix_lengths=((10, 5),),
-                                                                      clamp_norm_factor=4.0)),
-               "alphaedit": SequentialHyperParams(memit=MEMITHyperParams(layers=(0, 1, 2)))}
     hparams["seq-rome"] = hparams["seq-rome"].with_overrides(args.seq_rome_hp)
     hparams["alphaedit"] = hparams["alphaedit"].with_overrides(args.alphaedit_hp)
     keys = key_report(model, records, hparams["alphaedit"]) if args.key_report else None
@@ -304,6 +354,15 @@ def main() -> None:
                          f"{p['edit_seconds']:.0f} |")
         if r["stopped"]:
             lines.append(f"| {r['method']} | stopped: {r['stopped']} | | | | | | | |")
+    split_rows = [(r["method"], p) for r in results for p in r["points"] if "nb_person_edited" in p
+                  or "nb_person_unedited" in p]
+    if split_rows:
+        lines += ["", "| method | edits | NS, neighbour's person has an edited fact: n, now (before) | "
+                  "NS, neighbour's person unedited: n, now (before) |", "|---|---|---|---|"]
+        cell = lambda d: f"{d['n']}: {ci(d['NS'])} ({d['NS_before'][0]:.1f})" if d else "-"  # noqa: E731
+        for m, p in split_rows:
+            lines.append(f"| {m} | {p['edits']} | {cell(p.get('nb_person_edited'))} | "
+                         f"{cell(p.get('nb_person_unedited'))} |")
     lines += ["", "| method | ES of edits by age (edits made after it) | n | ES right after | ES now |",
               "|---|---|---|---|---|"]
     for r in results:
@@ -342,7 +401,7 @@ def main() -> None:
                          "array": [p[key][2] - p[key][0] for p in r["points"]],
                          "arrayminus": [p[key][0] - p[key][1] for p in r["points"]]}), row=1, col=col)
     fig.update_xaxes(type="log", title_text="sequential edits")
-    fig.update_layout(title=f"Sequential editing on the embedded model ({model.name}), 95% Wilson intervals")
+    fig.update_layout(title=f"Sequential editing on {model.name}, 95% Wilson intervals")
     fig.write_html(out / "sequential_edits.html", include_plotlyjs="cdn")
     print("\n".join(lines))
 

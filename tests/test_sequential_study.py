@@ -33,3 +33,32 @@ def test_neighbours_are_redrawn_outside_the_edited_facts(analysis_script):
         same_object += answer == new.target_true
     assert same_object > 900  # the same true object where the relation has one left
     assert seq.unedited_neighbours(world, records, seed=0) == redrawn  # seeded
+
+
+def test_ns_is_split_by_whether_the_neighbours_person_was_edited(analysis_script):
+    seq = analysis_script("sequential_edits")
+    world = embedded_world()
+    records = seq.unedited_neighbours(world, world_records(world, n=1000, seed=0), seed=0)
+    first = records[:40]
+    edited = {r.subject for r in first}
+    person = [seq._neighbour_subject(r) for r in first]
+    assert all(p is not None and p != r.subject for p, r in zip(person, first))
+    flags = [p in edited for p in person]
+    ns = [i % 2 for i in range(40)]  # any 0/1 scores: the split must route each record to its side
+    before = [1] * 40
+    split = seq.ns_by_neighbour_subject(first, ns, before)
+    for value, name in ((True, "nb_person_edited"), (False, "nb_person_unedited")):
+        idx = [i for i, f in enumerate(flags) if f is value]
+        if not idx:
+            assert name not in split
+            continue
+        assert split[name]["n"] == len(idx)
+        assert split[name]["NS"][0] == round(100.0 * sum(ns[i] for i in idx) / len(idx), 2)
+        assert split[name]["NS_before"][0] == 100.0
+    # by 1,000 edits nearly every neighbour's person has some other fact edited
+    full = seq.ns_by_neighbour_subject(records, [1] * 1000, [1] * 1000)
+    assert full["nb_person_edited"]["n"] > 900
+    # CounterFact-style neighbours (another template) are not split
+    from dataclasses import replace
+    cf_like = [replace(r, neighborhood=(("Michel Rocard is a native speaker of", "French"),)) for r in first]
+    assert seq.ns_by_neighbour_subject(cf_like, ns, before) == {}
