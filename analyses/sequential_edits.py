@@ -37,11 +37,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling analyses (counterfact_smollm2's draw)
 
+COUNTERFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact.json"
+
+
 class _OutOfTime(Exception):
     pass
 
 
-COUNTERFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact.json"
 KEYS = {"ES": "efficacy_success", "PS": "paraphrase_success", "NS": "neighborhood_success"}
 
 
@@ -92,20 +94,11 @@ def diagnose(model, records, per_record: dict, immediate: list) -> dict:
                                       "ES_immediate": pct([immediate[i] for i in idx]),
                                       "ES_now": pct([es[i] for i in idx]),
                                       "NS_now": pct([per_record["NS"][i] for i in idx])})
-    # neighbours: does the neighbour's subject end in the name piece of some edited subject? Is the neighbour's
-    # subject itself edited (in another relation: its own fact is never edited, see unedited_neighbours)?
+    # neighbours: does the neighbour's subject end in the name piece of some edited subject? (Whether the
+    # neighbour's person was edited is split at every checkpoint: ns_by_neighbour_subject.)
     edited_pieces = set(pieces)
     nb_subjects = [_neighbour_subject(r) if r.neighborhood else None for r in recs]
     nb = [last_piece(model, s) if s else None for s in nb_subjects]
-    edited_subjects = {r.subject for r in recs}  # the model being scored holds all n edits
-    nb_edited = [None if s is None else s in edited_subjects for s in nb_subjects]
-    out["NS_by_neighbour_subject_edited"] = []
-    for value in (True, False):
-        idx = [i for i in range(n) if nb_edited[i] is value]
-        if idx:
-            out["NS_by_neighbour_subject_edited"].append({"neighbour_subject_has_an_edited_fact": value,
-                                                          "n": len(idx),
-                                                          "NS_now": pct([per_record["NS"][i] for i in idx])})
     out["NS_by_neighbour_piece"] = []
     for value in (True, False):
         idx = [i for i in range(n) if nb[i] is not None and (nb[i] in edited_pieces) == value]
@@ -122,8 +115,8 @@ def ns_by_neighbour_subject(records, ns: list, ns_before: list) -> dict:
     person was edited asks something else of an editor than one whose person was not. Empty where the neighbour
     prompts do not name their subject through the record's template (CounterFact)."""
     edited = {r.subject for r in records}
-    flag = [None if not r.neighborhood or _neighbour_subject(r) is None else _neighbour_subject(r) in edited
-            for r in records]
+    subjects = [_neighbour_subject(r) if r.neighborhood else None for r in records]
+    flag = [None if s is None else s in edited for s in subjects]
     out = {}
     for value, name in ((True, "nb_person_edited"), (False, "nb_person_unedited")):
         idx = [i for i, f in enumerate(flag) if f is value]
