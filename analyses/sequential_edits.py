@@ -1,8 +1,9 @@
-"""Sequential editing on the embedded model: plain sequential ROME vs AlphaEdit, measured as edits pile up.
+"""Sequential editing on the embedded model (or SmolLM2 with CounterFact): plain sequential ROME vs AlphaEdit vs
+sequential MEMIT, measured as edits pile up.
 
 The first N of ``world_records(embedded_world(), n=POOL, seed)`` (POOL 1,000: a short run edits the start of the
-long one) are edited one after another with ``seq-rome`` and with ``alphaedit`` (its ``batch_size`` requests per
-step; 1 by default: fully sequential). At each checkpoint k the model holding the first k edits is scored on
+long one) are edited one after another with ``seq-rome``, ``alphaedit`` and/or ``seq-memit`` (``--methods``; the
+last two take ``batch_size`` requests per step, 1 by default: fully sequential, and share their MEMIT settings). At each checkpoint k the model holding the first k edits is scored on
 those k records with ROME's CounterFact scores (:func:`mechedit.evaluation.counterfact.rewrite_scores`), each
 with its Wilson 95% interval:
 
@@ -269,6 +270,7 @@ def main() -> None:
     ap.add_argument("--alphaedit-hp", nargs="*", default=[], help="overrides of AlphaEdit's SequentialHyperParams "
                     "(name=value, dotted for nested: memit.v_lr=0.2)")
     ap.add_argument("--seq-rome-hp", nargs="*", default=[], help="overrides of seq-rome's SequentialHyperParams")
+    ap.add_argument("--seq-memit-hp", nargs="*", default=[], help="overrides of seq-memit's SequentialHyperParams")
     ap.add_argument("--key-report", action="store_true", help="also measure how the edit keys overlap")
     ap.add_argument("--neighbours", choices=("unedited", "world-records"), default="unedited",
                     help="neighbour prompts: re-drawn from facts no record edits (default), or world_records' own "
@@ -296,6 +298,7 @@ def main() -> None:
         # 1,000 model-sampled texts); seq-rome with MEMIT's 5 prefixes of 10 tokens, as on the embedded model.
         hparams = {"seq-rome": SequentialHyperParams(rome={**cf.HPARAMS["rome"], "prefix_lengths": [[10, 5]]}),
                    "alphaedit": SequentialHyperParams(memit=cf.HPARAMS["memit"])}
+        hparams["seq-memit"] = hparams["alphaedit"]  # the same MEMIT steps, a different solve
     else:
         from mechedit.editing.memit import MEMITHyperParams
         from mechedit.editing.rome import ROMEHyperParams
@@ -312,6 +315,7 @@ def main() -> None:
         hparams = {"seq-rome": SequentialHyperParams(rome=ROMEHyperParams(layer=1, prefix_lengths=((10, 5),),
                                                                           clamp_norm_factor=4.0)),
                    "alphaedit": SequentialHyperParams(memit=MEMITHyperParams(layers=(0, 1, 2)))}
+        hparams["seq-memit"] = hparams["alphaedit"]
     checkpoints = {c for c in map(int, args.checkpoints.split(",")) if c <= args.n} | {args.n}
     before = model.fingerprint()
     t0 = time.perf_counter()
@@ -320,6 +324,7 @@ def main() -> None:
           flush=True)
     hparams["seq-rome"] = hparams["seq-rome"].with_overrides(args.seq_rome_hp)
     hparams["alphaedit"] = hparams["alphaedit"].with_overrides(args.alphaedit_hp)
+    hparams["seq-memit"] = hparams["seq-memit"].with_overrides(args.seq_memit_hp)
     keys = key_report(model, records, hparams["alphaedit"]) if args.key_report else None
     results = []
     for name in args.methods.split(","):

@@ -9,7 +9,7 @@ from mechedit.editing import EditHandle
 from mechedit.editing.methods import METHODS
 
 # Methods whose default edit of the default request makes the edit prompt answer the new target.
-TAKES = {"rome", "memit", "seq-rome", "alphaedit", "ia3", "ia3-unlearn-learn", "ft", "ft-l", "lora", "reg-lora"}
+TAKES = {"rome", "memit", "seq-rome", "alphaedit", "seq-memit", "ia3", "ia3-unlearn-learn", "ft", "ft-l", "lora", "reg-lora"}
 
 
 @pytest.mark.slow
@@ -43,6 +43,7 @@ TINY_HP = {
     "memit": ["mom2_n_samples=200", "prefix_lengths=[[5,2]]", "layers=[1]"],
     "seq-rome": ["rome.mom2_n_samples=200", "rome.prefix_lengths=[[5,2]]", "rome.layer=1"],
     "alphaedit": ["memit.mom2_n_samples=200", "memit.prefix_lengths=[[5,2]]", "memit.layers=[1]"],
+    "seq-memit": ["memit.mom2_n_samples=200", "memit.prefix_lengths=[[5,2]]", "memit.layers=[1]"],
     "ia3": ["modules=[\"1.mlp_out\"]", "steps=3"],
     "ia3-unlearn-learn": ["modules=[\"1.mlp_out\"]", "steps=3", "unlearn_steps=2"],
     "ft": ["steps=3"], "ft-l": ["steps=3"], "lora": ["steps=3"],

@@ -1,4 +1,5 @@
-"""Sequential editing (mechedit.editing.sequential): sequential ROME and AlphaEdit on the embedded model.
+"""Sequential editing (mechedit.editing.sequential): sequential ROME, AlphaEdit and sequential MEMIT on the
+embedded model.
 
 Few requests, few optimisation steps, one context prefix and small key statistics (temporary cache): the
 mechanics and invariants, not the quality (analyses/sequential_edits.py measures that).
@@ -6,6 +7,7 @@ mechanics and invariants, not the quality (analyses/sequential_edits.py measures
 
 from __future__ import annotations
 
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +15,9 @@ import torch
 from conftest import same_weights, snapshot
 import mechedit
 from mechedit.editing import EditHandle, ROMEHyperParams
-from mechedit.editing.memit import MEMITHyperParams
+from mechedit.editing.memit import MEMITHyperParams, memit
+from mechedit.editing.memit.compute_ks import prepare, read_keys
+from mechedit.editing.rome import context_templates
 from mechedit.editing.methods import edit, make_hparams
 from mechedit.editing.rome.layer_stats import layer_stats
 from mechedit.editing.rome.repr_tools import mlp_keys, pad_right
@@ -22,6 +26,7 @@ from mechedit.editing.sequential import (
     SequentialHyperParams,
     alphaedit,
     null_space,
+    sequential_memit,
     sequential_rome,
     subject_revisits,
 )
@@ -106,6 +111,41 @@ def test_alphaedit_through_the_method_table_in_batches(embedded, records):
     assert same_weights(embedded, before)
 
 
+def test_seq_memit_one_step_is_memit_and_restores_bit_exactly(embedded, records):
+    # With nothing protected yet, a step's solve (λC + K Kᵀ)⁻¹ K R is MEMIT's own.
+    before = snapshot(embedded)
+    with memit(embedded, records[:2], MEMIT) as h:
+        reference = {n: d.clone() for n, d in h.deltas.items()}
+    with sequential_memit(embedded, records[:2], replace(HP, batch_size=2)) as h:
+        assert h.method == "seq-memit" and set(h.deltas) == set(reference)
+        for n, d in h.deltas.items():
+            assert torch.allclose(d, reference[n], rtol=1e-4, atol=1e-6 * float(d.abs().max())), n
+    assert same_weights(embedded, before)
+
+
+def test_seq_memit_keeps_the_outputs_at_earlier_edits_keys_as_far_as_they_weigh(embedded):
+    # Two people, one step each, one layer (whose keys no edit changes). The second step's change at the first
+    # edit's key shrinks as the first edit weighs more in the solve, and is largest when it is not protected.
+    recs = world_records(embedded_world(), n=1000, seed=0)[:12]
+    first = recs[0]
+    second = next(r for r in recs if r.subject != first.subject)
+    mh = replace(MEMIT, layers=(1,))
+    prep = prepare(embedded, [first, second], context_templates(embedded, mh), mh.key_position)
+    k1, k2 = read_keys(embedded, prep, 1)  # (d_mlp,) each, float64
+    name = "model.layers.1.mlp.down_proj.weight"
+    with sequential_memit(embedded, [first], SequentialHyperParams(memit=mh)) as h:
+        step1 = h.deltas[name].double()
+    moved = {}
+    for label, hp in {"unprotected": SequentialHyperParams(memit=mh, protect_edits=False),
+                      "μ=1": SequentialHyperParams(memit=mh),
+                      "μ=1000": SequentialHyperParams(memit=mh, protect_weight=1000.0)}.items():
+        with sequential_memit(embedded, [first, second], hp) as h:
+            step2 = h.deltas[name].double() - step1  # (d_model, d_mlp)
+            moved[label] = float((step2 @ k1).norm() / (step2 @ k2).norm())
+    assert moved["unprotected"] > moved["μ=1"] > moved["μ=1000"]
+    assert moved["μ=1000"] < 0.02 * moved["unprotected"]
+
+
 def test_edit_keys_count_each_edit_once_when_an_edit_is_written_again():
     g = torch.Generator().manual_seed(0)
     keys = EditKeys([3], 6)
@@ -157,9 +197,10 @@ def test_bad_inputs_fail_clearly_with_nothing_changed(embedded, records):
         alphaedit(embedded, records, SequentialHyperParams(memit=MEMITHyperParams(layers=(7, 9))))
     with pytest.raises(InputError, match="out of range"):
         sequential_rome(embedded, records, SequentialHyperParams(rome=ROMEHyperParams(layer=12)))
-    with pytest.raises(InputError, match="statistics"):
-        alphaedit(embedded, records, SequentialHyperParams(memit=MEMITHyperParams(layers=(1,),
-                                                                                  mom2_adjustment=False)))
+    for editor in (alphaedit, sequential_memit):
+        with pytest.raises(InputError, match="statistics"):
+            editor(embedded, records, SequentialHyperParams(memit=MEMITHyperParams(layers=(1,),
+                                                                                   mom2_adjustment=False)))
     assert same_weights(embedded, before)
 
 
@@ -173,7 +214,8 @@ def test_hparams_round_trip_the_nesting_and_take_dotted_overrides():
     o = hp.with_overrides(["rome.layer=3", "memit.layers=[1, 2]", "nullspace_energy=0.1"])
     assert (o.rome.layer, o.memit.layers, o.nullspace_energy, o.batch_size) == (3, (1, 2), 0.1, 4)
     assert make_hparams("seq-rome", ["rome.v_lr=0.1"]).rome.v_lr == 0.1
-    for bad in ({"batch_size": 0}, {"nullspace_energy": 1.0}, {"l2": 0}, {"rome": 3}, {"merge_subjects": 1}):
+    for bad in ({"batch_size": 0}, {"nullspace_energy": 1.0}, {"l2": 0}, {"protect_weight": -1.0}, {"rome": 3},
+                {"merge_subjects": 1}):
         with pytest.raises(InputError):
             SequentialHyperParams(**bad)
     with pytest.raises(InputError):

@@ -60,6 +60,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            True, "ROME edits one after another (each on the already-edited model)"),
     Method("alphaedit", "mechedit.editing.sequential:alphaedit", "mechedit.editing.sequential:SequentialHyperParams",
            True, "sequential edits projected onto the null space of preserved keys (AlphaEdit)"),
+    Method("seq-memit", "mechedit.editing.sequential:sequential_memit",
+           "mechedit.editing.sequential:SequentialHyperParams",
+           True, "sequential MEMIT steps protecting earlier edits' keys in the covariance-weighted solve"),
     Method("ia3", "mechedit.editing.ia3:ia3", "mechedit.editing.ia3:IA3HyperParams",
            True, "(IA)³ adapter restricted to located (or named) modules, merged"),
     Method("ia3-unlearn-learn", "mechedit.editing.ia3:ia3_unlearn_learn",
@@ -132,7 +135,7 @@ def edit(model, requests: EditRecord | Sequence[EditRecord], method: str = "rome
     """Edit ``model`` in place with ``method``; returns the applied :class:`~mechedit.editing.EditHandle`.
 
     A one-request method given several requests is refused (use ``"memit"``, ``"seq-rome"`` or
-    ``"alphaedit"`` for many rank-one edits).
+    ``"alphaedit"`` / ``"seq-memit"`` for many rank-one edits).
     """
     spec = get_method(method)
     fn, _ = spec.load()
@@ -143,8 +146,8 @@ def edit(model, requests: EditRecord | Sequence[EditRecord], method: str = "rome
     if spec.batched:
         return fn(model, reqs, hp, progress)
     if len(reqs) != 1:
-        raise InputError(f"{method} edits one fact at a time; got {len(reqs)} requests (use memit, seq-rome or "
-                         "alphaedit for several)")
+        raise InputError(f"{method} edits one fact at a time; got {len(reqs)} requests (use memit, seq-rome, "
+                         "alphaedit or seq-memit for several)")
     return fn(model, reqs[0], hp, progress)
 
 

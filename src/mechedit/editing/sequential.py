@@ -1,6 +1,6 @@
 """Sequential editing: many edits one after another, each made on the already-edited model.
 
-Real use edits a model again and again. Two ways are here:
+Real use edits a model again and again. Three ways are here:
 
 * :func:`sequential_rome` applies ROME (:func:`mechedit.editing.rome.rome`) once per request, each edit computed
   on the model as the previous ones left it. Each rank-one update only protects ordinary keys (through ``C``),
@@ -22,7 +22,19 @@ Real use edits a model again and again. Two ways are here:
   a subject's last token barely depends on the relation, so otherwise a second fact of the same subject is
   written at a key the first one protects, and does not take.
 
-Both return *one* :class:`~mechedit.editing.EditHandle` whose deltas are the total change of every edited
+* :func:`sequential_memit` makes the same MEMIT steps (batches, subjects merged) without a null space: each
+  step is MEMIT's covariance-weighted least-squares update with the earlier edits' keys added to the preserved
+  second moment (recursive least squares, as MEMIT's own batch solve would weigh them):
+
+      ΔW_io = (λ C + μ K_p K_pᵀ + K Kᵀ)⁻¹ K R              (λ = memit.mom2_update_weight, μ = protect_weight)
+
+  Ordinary keys are protected in proportion to how much of the text's key energy lies along a direction (``C``)
+  rather than by a hard cut at 1% of it with an isotropic ridge ``α I`` on top: a direction the statistics
+  hardly use costs little to write, however small the edit key's component along it (the ridge ``α`` charges
+  every direction the same, so small edit keys are written only in part, see
+  ``docs/results/sequential-edits``), and the earlier edits keep their outputs in the least-squares sense.
+
+All three return *one* :class:`~mechedit.editing.EditHandle` whose deltas are the total change of every edited
 parameter (edited model minus original) and whose ``restore()`` puts the original back bit-exactly. The handle
 is re-applied to the original weights at the end, so the model holds exactly ``original + delta`` (which can
 differ from the sum of the in-place steps by float rounding, ~1e-7 relative) and a saved handle re-applied to a
@@ -94,7 +106,11 @@ class SequentialHyperParams(HyperParams):
     l2: float = 10.0
     # Protect the keys of earlier edits (AlphaEdit's K_p K_pᵀ cache). False: each step protects only K₀.
     protect_edits: bool = True
-    # AlphaEdit: a step that edits a subject edited before also re-asserts that subject's earlier edits: they
+    # seq-memit: μ, the weight of each earlier edit's key against a new one in the solve (1: recursive least
+    # squares, every edit counts as much as the step's own; larger keeps earlier edits more firmly at the cost of
+    # the new ones).
+    protect_weight: float = 1.0
+    # AlphaEdit and seq-memit: a step that edits a subject edited before also re-asserts that subject's earlier edits: they
     # join the step's requests (one shared value per subject, as within a MEMIT batch) and their keys leave the
     # protected cache while the step is solved (they come back with the step's keys). The key at a subject's
     # last token hardly depends on the relation (cosine 0.95-0.99 between one subject's prompts on the embedded
@@ -116,8 +132,10 @@ class SequentialHyperParams(HyperParams):
         e = self.nullspace_energy
         if not (isinstance(e, (int, float)) and not isinstance(e, bool) and 0 <= e < 1):
             raise InputError(f"nullspace_energy must be a fraction in [0, 1), got {e!r}")
-        if not (isinstance(self.l2, (int, float)) and not isinstance(self.l2, bool) and self.l2 > 0):
-            raise InputError(f"l2 must be a positive number, got {self.l2!r}")
+        for name in ("l2", "protect_weight"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0):
+                raise InputError(f"{name} must be a positive number, got {v!r}")
         for name in ("protect_edits", "merge_subjects"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -249,25 +267,47 @@ def alphaedit(model: LoadedModel, requests: Sequence[EditRecord],
     """AlphaEdit: ``hparams.batch_size`` requests per step, each step a null-space-projected MEMIT update (see
     the module docstring). Layers are chosen (``memit.layers``), statistics read and projectors built once, on
     the unedited model."""
+    return _memit_steps(model, requests, _check_hparams(hparams), progress, stats, "alphaedit")
+
+
+def sequential_memit(model: LoadedModel, requests: Sequence[EditRecord],
+                     hparams: SequentialHyperParams = SequentialHyperParams(), progress: Progress | None = None,
+                     *, stats: dict[int, LayerStats] | None = None) -> EditHandle:
+    """MEMIT steps of ``hparams.batch_size`` requests, each protecting the earlier edits' keys inside MEMIT's
+    covariance-weighted solve (see the module docstring). ``nullspace_energy`` and ``l2`` are not used."""
+    return _memit_steps(model, requests, _check_hparams(hparams), progress, stats, "seq-memit")
+
+
+def _memit_steps(model: LoadedModel, requests: Sequence[EditRecord], hp: SequentialHyperParams,
+                 progress: Progress | None, stats: dict[int, LayerStats] | None, method: str) -> EditHandle:
+    """The step loop of :func:`alphaedit` and :func:`sequential_memit`; ``method`` picks the per-layer solve."""
     started = time.perf_counter()
-    hp = _check_hparams(hparams)
     mh = hp.memit
     if not mh.mom2_adjustment:
-        raise InputError("alphaedit needs the key statistics for its null space; set memit.mom2_adjustment=True")
+        raise InputError(f"{method} needs the key statistics (its preserved keys); set memit.mom2_adjustment=True")
     requests = check_requests(requests)
     fingerprint = model.fingerprint()
     layers, layer_evidence = choose_layers(model, requests, mh, progress)
     stats = layer_statistics(model, layers, mh, progress, stats)
-    spaces = {layer: null_space(stats[layer].mom2, hp.nullspace_energy) for layer in layers}
     templates = context_templates(model, mh)
     prep = prepare(model, requests, templates, mh.key_position)  # every prompt usable, before anything changes
     protected = EditKeys(layers, model.d_mlp)
-    eye = torch.eye(model.d_mlp, dtype=torch.float64)
     by_subject: dict[str, list[int]] = {}  # the requests applied so far, per subject
+    if method == "alphaedit":
+        spaces = {layer: null_space(stats[layer].mom2, hp.nullspace_energy) for layer in layers}
+        eye = torch.eye(model.d_mlp, dtype=torch.float64)
+        extra = {"null_space": {str(layer): spaces[layer].describe() for layer in layers}}
 
-    def solve(i: int, layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:  # K (n, d_mlp), R (n, d_model)
-        P = spaces[layer].P
-        return torch.linalg.solve(P @ (K.T @ K + protected.matrix[layer]) + hp.l2 * eye, P @ (K.T @ R))
+        def solve(i: int, layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:  # K (n, d_mlp), R (n, d)
+            P = spaces[layer].P
+            return torch.linalg.solve(P @ (K.T @ K + protected.matrix[layer]) + hp.l2 * eye, P @ (K.T @ R))
+    else:
+        preserved = {layer: mh.mom2_update_weight * stats[layer].mom2.double() for layer in layers}
+        extra = {"protect_weight": hp.protect_weight}
+
+        def solve(i: int, layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+            A = preserved[layer] + hp.protect_weight * protected.matrix[layer] + K.T @ K
+            return torch.linalg.solve(A, K.T @ R)
 
     snapshot = Snapshot(model, layers)
     hf = unbridged_copy(model)  # the value optimisation's copy, kept in step with the edited layers
@@ -302,11 +342,10 @@ def alphaedit(model: LoadedModel, requests: Sequence[EditRecord],
     finally:
         snapshot.restore()
     evidence = {**layer_evidence, "modules": [model.module_name(layer, "mlp_out") for layer in layers],
-                "n_requests": len(requests), "batch_size": hp.batch_size, "templates": list(templates),
-                "null_space": {str(layer): spaces[layer].describe() for layer in layers},
+                "n_requests": len(requests), "batch_size": hp.batch_size, "templates": list(templates), **extra,
                 "steps": notes, "stats": {str(k): describe(v) for k, v in stats.items()},
                 "seconds": round(time.perf_counter() - started, 4)}
-    return _finish(model, "alphaedit", deltas, hp, requests, fingerprint, evidence)
+    return _finish(model, method, deltas, hp, requests, fingerprint, evidence)
 
 
 class EditKeys:
