@@ -19,7 +19,8 @@ subject and by whether an earlier edit's subject ends in the same name piece, an
 name ends in an edited subject's name piece; ``--key-report`` adds the overlap of the edit keys (cosines, null
 space rank, projected cosines). A method whose time budget runs out stops at its last checkpoint (reported as
 such). Writes
-``sequential_edits.json``, ``sequential_edits.md`` (table) and ``sequential_edits.html`` (plotly) to ``--out``.
+``sequential_edits.json``, ``sequential_edits.md`` (table) and ``sequential_edits.html`` (plotly) to ``--out``;
+while a method runs, ``partial-<method>.json`` there holds its checkpoints so far (removed at the end).
 
     OMP_NUM_THREADS=1 .venv/bin/python analyses/sequential_edits.py --n 1000 --budget 720
 """
@@ -210,7 +211,9 @@ def unedited_neighbours(world, records, seed: int) -> list:
     return out
 
 
-def run_method(model, name, records, hparams, checkpoints, budget, base_ns) -> dict:
+def run_method(model, name, records, hparams, checkpoints, budget, base_ns, partial: Path | None = None) -> dict:
+    """Edit ``records`` with method ``name``, scoring at each checkpoint. With ``partial``, the points so far are
+    rewritten there after each checkpoint (``{"method", "hparams", "points"}``), so a run cut off keeps them."""
     from mechedit.editing.methods import edit
 
     started = time.perf_counter()
@@ -236,6 +239,8 @@ def run_method(model, name, records, hparams, checkpoints, budget, base_ns) -> d
         point["NS_drop"] = round(point["NS_before"][0] - point["NS"][0], 2)
         point.update(ns_by_neighbour_subject(records[:done], s["NS"], base_ns[:done]))
         points.append(point)
+        if partial is not None:
+            partial.write_text(json.dumps({"method": name, "hparams": hparams.to_dict(), "points": points}, indent=1))
         points_eval[0] += time.perf_counter() - t0
         print(f"  {name} {done:5d} edits: ES {point['ES'][0]:.1f}  PS {point['PS'][0]:.1f}  NS {point['NS'][0]:.1f} "
               f"(before {point['NS_before'][0]:.1f}); ES right after each edit {point['immediate_ES'][0]:.1f}; "
@@ -326,12 +331,13 @@ def main() -> None:
     hparams["alphaedit"] = hparams["alphaedit"].with_overrides(args.alphaedit_hp)
     hparams["seq-memit"] = hparams["seq-memit"].with_overrides(args.seq_memit_hp)
     keys = key_report(model, records, hparams["alphaedit"]) if args.key_report else None
-    results = []
-    for name in args.methods.split(","):
-        results.append(run_method(model, name, records, hparams[name], checkpoints, args.budget, base["NS"]))
-        assert model.fingerprint() == before, "the model was not restored"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in args.methods.split(","):
+        results.append(run_method(model, name, records, hparams[name], checkpoints, args.budget, base["NS"],
+                                  partial=out / f"partial-{name}.json"))
+        assert model.fingerprint() == before, "the model was not restored"
     command = "OMP_NUM_THREADS=1 .venv/bin/python analyses/sequential_edits.py " + " ".join(
         f"--{k.replace('_', '-')}{'' if v is True else ' ' + (' '.join(v) if isinstance(v, list) else str(v))}"
         for k, v in vars(args).items() if not (isinstance(v, list) and not v) and v is not False)
@@ -342,6 +348,8 @@ def main() -> None:
             "scores": "mechedit.evaluation.counterfact.rewrite_scores (ES/PS/NS success over the records edited so "
                       "far, %, [mean, lo, hi] with the Wilson 95% interval)"}
     (out / "sequential_edits.json").write_text(json.dumps(data, indent=1))
+    for name in args.methods.split(","):
+        (out / f"partial-{name}.json").unlink(missing_ok=True)
     ci = lambda v: f"{v[0]:.1f} [{v[1]:.1f}, {v[2]:.1f}]"  # noqa: E731
     lines = ["| method | edits | ES | PS | NS | NS before | NS drop | ES right after each edit | editing s (wall) |",
              "|---|---|---|---|---|---|---|---|---|"]
