@@ -110,13 +110,13 @@ class SequentialHyperParams(HyperParams):
     # squares, every edit counts as much as the step's own; larger keeps earlier edits more firmly at the cost of
     # the new ones).
     protect_weight: float = 1.0
-    # AlphaEdit and seq-memit: a step that edits a subject edited before also re-asserts that subject's earlier edits: they
-    # join the step's requests (one shared value per subject, as within a MEMIT batch) and their keys leave the
-    # protected cache while the step is solved (they come back with the step's keys). The key at a subject's
-    # last token hardly depends on the relation (cosine 0.95-0.99 between one subject's prompts on the embedded
-    # model), so without this a later fact of the same person is written at the key an earlier one is protected
-    # at (the new edit cannot take) or over it (the old one is lost). False: AlphaEdit's paper and reference
-    # code, whose CounterFact requests rarely share a subject.
+    # AlphaEdit and seq-memit: a step that edits a subject edited before also re-asserts that subject's earlier edits:
+    # they join the step's requests (one shared value per subject, as within a MEMIT batch) and their keys leave the
+    # protected cache while the step is solved (they come back with the step's keys). The key at a subject's last
+    # token hardly depends on the relation (cosine 0.95-0.99 between one subject's prompts on the embedded model), so
+    # without this a later fact of the same person is written at the key an earlier one is protected at (the new edit
+    # cannot take) or over it (the old one is lost). False: AlphaEdit's paper and reference code, whose CounterFact
+    # requests rarely share a subject.
     merge_subjects: bool = True
 
     def __post_init__(self) -> None:
