@@ -4,8 +4,8 @@ sequential MEMIT, measured as edits pile up.
 The first N of ``world_records(embedded_world(), n=POOL, seed)`` (POOL 1,000: a short run edits the start of the
 long one) are edited one after another with ``seq-rome``, ``alphaedit`` and/or ``seq-memit`` (``--methods``; the
 last two take ``batch_size`` requests per step, 1 by default: fully sequential, and share their MEMIT settings).
-At each checkpoint k the model holding the first k edits is scored on those k records with ROME's CounterFact scores (:func:`mechedit.evaluation.counterfact.rewrite_scores`), each
-with its Wilson 95% interval:
+At each checkpoint k the model holding the first k edits is scored on those k records with ROME's CounterFact
+scores (:func:`mechedit.evaluation.counterfact.rewrite_scores`), each with its Wilson 95% interval:
 
 * ES: efficacy success, p(new) > p(true) on the edit prompt (mean over records, in %);
 * PS: the same on the held-out paraphrase;
