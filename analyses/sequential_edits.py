@@ -178,6 +178,9 @@ def key_report(model, records, hparams) -> dict:
             "layer": layer, "d_mlp": model.d_mlp, **ns.describe(),
             "key_in_null_space_median": round(float(frac.median()), 4),
             "key_sq_norm_mean": round(float((K ** 2).sum(1).mean()), 3),
+            # kᵀC⁻¹k: an edit key's squared norm in the statistics' whitened coordinates, to compare with MEMIT's λ
+            "whitened_key_sq_norm_median": round(float((K.T * torch.linalg.solve(stats[layer].mom2.double(),
+                                                                                  K.T)).sum(0).median()), 1),
             "null_key_sq_norm_mean": round(float(((K @ ns.P) ** 2).sum(1).mean()), 3),
             "cos_same_subject": mean(same), "cos_shared_last_piece": mean(shared), "n_shared_pairs": len(shared),
             "cos_other_subjects": mean(other),
@@ -383,14 +386,15 @@ def main() -> None:
             lines.append(f"| {r['method']} | the neighbour's subject ends in an edited subject's name piece | "
                          f"{b['neighbour_subject_ends_in_an_edited_piece']} | {b['n']} | | | {ci(b['NS_now'])} |")
     if keys:
-        lines += ["", "| layer | null space rank / d_mlp | edit key norm in it (median) | cos same subject | "
-                  "cos same last piece | cos other | projected: same last piece | projected: other |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| layer | null space rank / d_mlp | edit key norm in it (median) | kᵀC⁻¹k (median) | "
+                  "cos same subject | cos same last piece | cos other | projected: same last piece | "
+                  "projected: other |", "|---|---|---|---|---|---|---|---|---|"]
+        f3 = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731  (None: no such pair among the records)
         for k in keys["layers"]:
             lines.append(f"| {k['layer']} | {k['n_null']} / {k['d_mlp']} | {k['key_in_null_space_median']:.2f} | "
-                         f"{k['cos_same_subject']:.3f} | {k['cos_shared_last_piece']:.3f} | "
-                         f"{k['cos_other_subjects']:.3f} | {k['cos_null_shared_last_piece']:.3f} | "
-                         f"{k['cos_null_other_subjects']:.3f} |")
+                         f"{k['whitened_key_sq_norm_median']:.0f} | " + " | ".join(
+                             f3(k[c]) for c in ("cos_same_subject", "cos_shared_last_piece", "cos_other_subjects",
+                                                "cos_null_shared_last_piece", "cos_null_other_subjects")) + " |")
     (out / "sequential_edits.md").write_text("\n".join(lines) + "\n")
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
