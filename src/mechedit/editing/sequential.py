@@ -33,6 +33,8 @@ Real use edits a model again and again. Three ways are here:
   hardly use costs little to write, however small the edit key's component along it (the ridge ``α`` charges
   every direction the same, so small edit keys are written only in part, see
   ``docs/results/sequential-edits``), and the earlier edits keep their outputs in the least-squares sense.
+  Measured on SmolLM2 with 1,000 CounterFact edits in batches of 100 (layers 7-9, λ = 1000): ES 94.4 (AlphaEdit
+  with the same steps: 64.9), NS 10.4 points below the unedited model's (AlphaEdit: 4.2).
 
 All three return *one* :class:`~mechedit.editing.EditHandle` whose deltas are the total change of every edited
 parameter (edited model minus original) and whose ``restore()`` puts the original back bit-exactly. The handle
