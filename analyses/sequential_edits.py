@@ -306,7 +306,6 @@ def main() -> None:
         # 1,000 model-sampled texts); seq-rome with MEMIT's 5 prefixes of 10 tokens, as on the embedded model.
         hparams = {"seq-rome": SequentialHyperParams(rome={**cf.HPARAMS["rome"], "prefix_lengths": [[10, 5]]}),
                    "alphaedit": SequentialHyperParams(memit=cf.HPARAMS["memit"])}
-        hparams["seq-memit"] = hparams["alphaedit"]  # the same MEMIT steps, a different solve
     else:
         from mechedit.editing.memit import MEMITHyperParams
         from mechedit.editing.rome import ROMEHyperParams
@@ -323,16 +322,15 @@ def main() -> None:
         hparams = {"seq-rome": SequentialHyperParams(rome=ROMEHyperParams(layer=1, prefix_lengths=((10, 5),),
                                                                           clamp_norm_factor=4.0)),
                    "alphaedit": SequentialHyperParams(memit=MEMITHyperParams(layers=(0, 1, 2)))}
-        hparams["seq-memit"] = hparams["alphaedit"]
+    hparams["seq-memit"] = hparams["alphaedit"]  # the same MEMIT steps, a different solve
     checkpoints = {c for c in map(int, args.checkpoints.split(",")) if c <= args.n} | {args.n}
     before = model.fingerprint()
     t0 = time.perf_counter()
     base = score(model, records)
     print(f"unedited: ES {pct(base['ES'])[0]:.1f} NS {pct(base['NS'])[0]:.1f} ({time.perf_counter() - t0:.0f}s)",
           flush=True)
-    hparams["seq-rome"] = hparams["seq-rome"].with_overrides(args.seq_rome_hp)
-    hparams["alphaedit"] = hparams["alphaedit"].with_overrides(args.alphaedit_hp)
-    hparams["seq-memit"] = hparams["seq-memit"].with_overrides(args.seq_memit_hp)
+    overrides = {"seq-rome": args.seq_rome_hp, "alphaedit": args.alphaedit_hp, "seq-memit": args.seq_memit_hp}
+    hparams = {name: hp.with_overrides(overrides[name]) for name, hp in hparams.items()}
     keys = key_report(model, records, hparams["alphaedit"]) if args.key_report else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
