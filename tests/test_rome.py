@@ -354,6 +354,41 @@ def test_given_prefixes_key_positions_and_original_rome(sharp):
         assert h.evidence["key_positions"][0] == len(m.encode(rec.prompt)) - 1
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])  # Conv1D and Linear layouts
+def test_bare_update_key_writes_delta_at_the_bare_key_and_lambda_scales_it(sharp, arch):
+    from mechedit.arch import linear_weight_in_out
+    from mechedit.editing.rome import context_templates
+    from mechedit.editing.rome.compute_u import compute_keys
+
+    m = sharp(arch)
+    rec = request_for(m)
+    base = {**FAST.to_dict(), "context_prefixes": ("It rained.", "{Braces} go.")}
+    before = snapshot(m)
+    hp = ROMEHyperParams(**{**base, "update_key": "bare"})
+    keys = compute_keys(m, rec, hp.layer, context_templates(m, hp), hp.key_position)
+    assert not torch.allclose(keys.bare, keys.mean)  # the prefixes change the key, so the option matters
+    stats = layer_stats(m, hp.layer, hp.mom2_source, hp.mom2_n_samples, max_tokens=hp.mom2_max_tokens)
+    with rome(m, rec, hp) as h:
+        exact = next(iter(h.deltas.values())).double()
+        written = keys.bare.double() @ linear_weight_in_out(exact, m.conv1d)  # ΔW k_bare = δ
+        assert float(written.norm()) == pytest.approx(h.evidence["delta_norm"], rel=1e-4)
+        assert h.evidence["update_key"] == "bare" and h.evidence["written_share"] == 1.0
+    assert same_weights(m, before)
+    with rome(m, rec, ROMEHyperParams(**{**base, "update_key": "bare", "mom2_update_weight": 3.0})) as h:
+        g = float(keys.bare.double() @ torch.linalg.solve(stats.mom2.double(), keys.bare.double()))
+        assert h.evidence["whitened_key_sq_norm"] == pytest.approx(g, rel=1e-6)
+        assert h.evidence["written_share"] == pytest.approx(g / (3.0 + g), rel=1e-9) and h.evidence["written_share"] < 1
+        # the same value (deterministic optimisation), written g / (λ + g) as strongly
+        assert torch.allclose(next(iter(h.deltas.values())).double(), exact * h.evidence["written_share"],
+                              rtol=1e-4, atol=1e-7)
+    assert same_weights(m, before)
+    for bad, match in (({"update_key": "first"}, "update_key"), ({"mom2_update_weight": -1.0}, "mom2_update_weight"),
+                       ({"mom2_update_weight": float("nan")}, "mom2_update_weight"),
+                       ({"update_key": "bare", "consistent_keys": False}, "consistent_keys")):
+        with pytest.raises(InputError, match=match):
+            ROMEHyperParams(**{**base, **bad})
+
+
 def test_generated_prefixes_are_deterministic(sharp):
     from mechedit.editing.rome import context_templates
 

@@ -65,24 +65,28 @@ def compute_u(k_star: torch.Tensor, stats: LayerStats | None) -> torch.Tensor:
     ``C⁻¹ k*`` is a linear solve in float64 (never an explicit inverse). A singular ``C`` - fewer key vectors in
     the statistics than key dimensions, or dead MLP units - raises a :class:`MecheditError`.
     """
-    k = k_star.detach().double().cpu()
-    if stats is None:
-        direction = k
-    else:
-        if stats.mom2.shape != (k.shape[0], k.shape[0]):
-            raise MecheditError(f"statistics of shape {tuple(stats.mom2.shape)} do not fit keys of width "
-                                f"{k.shape[0]}")
-        if stats.n_tokens < k.shape[0]:
-            raise MecheditError(
-                f"the key statistics of layer {stats.layer} are singular: {stats.n_tokens} key vectors for "
-                f"{k.shape[0]} dimensions (source {stats.source}); read more samples")
-        try:
-            direction = torch.linalg.solve(stats.mom2.double().cpu(), k)
-        except RuntimeError as e:  # torch.linalg.LinAlgError: singular matrix
-            raise MecheditError(
-                f"the key statistics of layer {stats.layer} are singular ({stats.n_tokens} key vectors for "
-                f"{k.shape[0]} dimensions, source {stats.source}); read more samples") from e
+    direction = whiten(k_star, stats)
     norm = direction.norm()
     if not torch.isfinite(direction).all() or norm == 0:
         raise MecheditError(f"the update direction C⁻¹k* is degenerate (norm {float(norm):.3g}); refusing the edit")
     return direction / norm
+
+
+def whiten(k: torch.Tensor, stats: LayerStats | None) -> torch.Tensor:
+    """``C⁻¹ k``, (d_mlp,) float64 (``k`` itself with ``stats=None``); ``k · whiten(k)`` is the key's squared
+    whitened norm ``kᵀC⁻¹k``, large for a key unlike the ones ``C`` was read from."""
+    k = k.detach().double().cpu()
+    if stats is None:
+        return k
+    if stats.mom2.shape != (k.shape[0], k.shape[0]):
+        raise MecheditError(f"statistics of shape {tuple(stats.mom2.shape)} do not fit keys of width {k.shape[0]}")
+    if stats.n_tokens < k.shape[0]:
+        raise MecheditError(
+            f"the key statistics of layer {stats.layer} are singular: {stats.n_tokens} key vectors for "
+            f"{k.shape[0]} dimensions (source {stats.source}); read more samples")
+    try:
+        return torch.linalg.solve(stats.mom2.double().cpu(), k)
+    except RuntimeError as e:  # torch.linalg.LinAlgError: singular matrix
+        raise MecheditError(
+            f"the key statistics of layer {stats.layer} are singular ({stats.n_tokens} key vectors for "
+            f"{k.shape[0]} dimensions, source {stats.source}); read more samples") from e

@@ -15,6 +15,11 @@ denominator but the *prefix-averaged* key into ``u``; r-ROME uses the averaged k
 (r-ROME's reference code also re-bases ``v*`` on the bare prompt's output; here ``v* = W k* + δ``: exactly the
 change the optimisation asked for, applied at the key it was written for.)
 
+Two options, both off by default: ``update_key="bare"`` builds ``u`` and the denominator on the bare prompt's
+key instead of the averaged one (consistently), so the edit prompt gets exactly ``v*``; ``mom2_update_weight``
+``λ > 0`` writes ``δ · g / (λ + g)``, ``g = k*ᵀC⁻¹k*`` - MEMIT's covariance-weighted solve for a single key
+(``ΔW = u ⊗ δ g / ((λ + g) k* · u)``), which writes less where the key resembles many ordinary keys.
+
 GPT-2's ``Conv1D`` (weight stored (in, out)) and ``nn.Linear`` ((out, in)) are handled by
 :func:`mechedit.arch.linear_weight_in_out` through the architecture table. The update is checked before any
 weight changes: a tiny denominator, a norm out of proportion with ``W`` or a non-finite value is refused.
@@ -39,7 +44,7 @@ import torch
 from mechedit.arch import linear_weight_in_out
 from mechedit.data import EditRecord
 from mechedit.editing.handle import EditHandle
-from mechedit.editing.rome.compute_u import compute_keys, compute_u
+from mechedit.editing.rome.compute_u import compute_keys, compute_u, whiten
 from mechedit.editing.rome.compute_v import compute_v
 from mechedit.editing.rome.hparams import ROMEHyperParams
 from mechedit.editing.rome.layer_choice import choose_layer
@@ -94,14 +99,18 @@ def rome(model: LoadedModel, request: EditRecord, hparams: ROMEHyperParams | Non
 
     templates = context_templates(model, hparams)
     keys = compute_keys(model, request, layer, templates, hparams.key_position)
-    u = compute_u(keys.mean, stats)  # (d_mlp,) float64, unit norm
-    k = (keys.mean if hparams.consistent_keys else keys.bare).double().cpu()  # (d_mlp,): the key written to
+    k_star = keys.bare if hparams.update_key == "bare" else keys.mean
+    u = compute_u(k_star, stats)  # (d_mlp,) float64, unit norm
+    k = (k_star if hparams.consistent_keys else keys.bare).double().cpu()  # (d_mlp,): the key written to
+    g = float(k @ whiten(k, stats)) if hparams.mom2_update_weight else None  # kᵀC⁻¹k
+    share = 1.0 if g is None else g / (hparams.mom2_update_weight + g)  # of δ written at k (MEMIT's λ weighting)
     weight = model.module(layer, "mlp_out").weight
     clamp, tries = hparams.clamp_norm_factor, []
     while True:
         value = compute_v(model, request, layer, templates, replace(hparams, clamp_norm_factor=clamp),
                           progress=(lambda d, t: progress("value", d, t)) if progress else None)
-        update, denominator, alignment, ratio = _rank_one(value.delta, k, u, weight, model.conv1d, layer, hparams)
+        update, denominator, alignment, ratio = _rank_one(value.delta * share, k, u, weight, model.conv1d, layer,
+                                                          hparams)
         if hparams.clamp_norm_max is None or clamp >= hparams.clamp_norm_max or not value.on_clamp(clamp):
             break
         took = _edited_prob(model, request, weight, update)  # the bare prompt, through the real update
@@ -117,7 +126,8 @@ def rome(model: LoadedModel, request: EditRecord, hparams: ROMEHyperParams | Non
         "module": model.module_name(layer, "mlp_out"),
         "key_position": hparams.key_position, "key_token": keys.token, "key_positions": list(keys.positions),
         "templates": templates,
-        "consistent_keys": hparams.consistent_keys,
+        "consistent_keys": hparams.consistent_keys, "update_key": hparams.update_key,
+        "whitened_key_sq_norm": g, "written_share": share,
         "denominator": denominator, "key_alignment": alignment,
         "delta_norm": float(delta.norm()), "value_norm": float(value.v_init.norm()),
         "update_norm": float(update.double().norm()), "update_ratio": ratio,
