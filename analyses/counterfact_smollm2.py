@@ -93,6 +93,17 @@ def draw(records: Sequence, n: int, seed: int) -> list:
     return random.Random(seed).sample(list(records), min(n, len(records)))
 
 
+def statistics_text(all_records: Sequence, drawn: Sequence) -> list[str]:
+    """``cf-clean``: "prompt + true object" of every CounterFact record that is not drawn and whose subject is not
+    named in any drawn record's prompt, paraphrase or neighbour prompt. Short factual sentences, the kind of text
+    neighbour prompts are (ROME's Wikipedia statistics stand for such text; there is none offline), with no
+    sentence about a subject the scores ask about."""
+    ids = {r.case_id for r in drawn}
+    asked = "\n".join(p for r in drawn for p in (r.prompt, *r.paraphrases, *(q for q, _ in r.neighborhood)))
+    return [f"{r.prompt} {r.target_true}" for r in all_records if r.case_id not in ids
+            and r.target_true and r.subject not in asked]
+
+
 def make_hp(method: str, overrides: Sequence[str]):
     from mechedit.editing.methods import make_hparams
 

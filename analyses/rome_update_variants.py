@@ -15,6 +15,13 @@ updates and each scored on the same record. Variants (``--variants``, comma-sepa
   no statistics text is about a subject the scores ask about);
 * ``bare-key``: original ROME's denominator (the bare prompt's key, not the prefix-averaged one; r-ROME's fix
   undone), with ``model-1000``; ``X+bare``: the same with variant X's statistics.
+* ``X+bare-u``: the bare prompt's key in both places, ``u = C⁻¹k_bare``: r-ROME's consistency with the key the
+  edit prompt actually produces. Of all rank-one updates that write ``δ`` exactly at ``k_bare`` it moves keys
+  distributed like ``C`` least (expected ``‖ΔW k'‖² = ‖δ‖² / k_bareᵀC⁻¹k_bare``; original ROME's ``u = C⁻¹k̄``
+  pays a Cauchy-Schwarz factor ``(k̄ᵀC⁻¹k̄)(k_bareᵀC⁻¹k_bare) / (k_bareᵀC⁻¹k̄)²`` more).
+* ``X+lamL`` (after any key suffix, e.g. ``cf-clean+bare-u+lam2000``): MEMIT's covariance-weighted solve for
+  this one key, ``ΔW = δ (C⁻¹k)ᵀ / (λ + kᵀC⁻¹k)`` with ``λ = L``: the write is scaled by ``g / (λ + g)``,
+  ``g = kᵀC⁻¹k``, so a key that looks like many ordinary keys (small ``g``) is written less.
 
 Each record's line in ``records.jsonl`` holds every variant's scores and the value's evidence; the run resumes
 from it. An update ROME refuses as degenerate (``max_update_ratio``, ``min_key_alignment``) leaves the model
@@ -40,20 +47,30 @@ SHORT = {"efficacy_success": "ES", "paraphrase_success": "PS", "neighborhood_suc
 
 
 def variant_stats(model, name: str, layer: int, hp, cf_text: dict[str, list[str]]):
-    """(LayerStats or None, use the bare key?) for one variant name."""
+    """(LayerStats or None, which key: "mean" | "bare" | "bare-u", λ or None) for one variant name."""
+    base, _, lam = name.rpartition("+lam")
+    if base:
+        if not lam.isdigit() or base.endswith("+bare") or base == "bare-key":
+            raise SystemExit(f"variant {name!r}: +lamL takes an integer L, after a mean or bare-u key")
+        return (*variant_stats(model, base, layer, hp, cf_text)[:2], float(lam))
+    return (*_stats_and_key(model, name, layer, hp, cf_text), None)
+
+
+def _stats_and_key(model, name: str, layer: int, hp, cf_text: dict[str, list[str]]):
     from mechedit.editing.rome.layer_stats import layer_stats
 
     if name == "identity":
-        return None, False
+        return None, "mean"
     if name == "bare-key":
-        return variant_stats(model, "model-1000", layer, hp, cf_text)[0], True
-    if name.endswith("+bare"):
-        return variant_stats(model, name[: -len("+bare")], layer, hp, cf_text)[0], True
+        return _stats_and_key(model, "model-1000", layer, hp, cf_text)[0], "bare"
+    for suffix in ("+bare", "+bare-u"):
+        if name.endswith(suffix):
+            return _stats_and_key(model, name[: -len(suffix)], layer, hp, cf_text)[0], suffix[1:]
     if name in cf_text:
-        return layer_stats(model, layer, cf_text[name], len(cf_text[name]), max_tokens=hp.mom2_max_tokens), False
+        return layer_stats(model, layer, cf_text[name], len(cf_text[name]), max_tokens=hp.mom2_max_tokens), "mean"
     if name.startswith("model-"):
         return layer_stats(model, layer, "model", int(name.split("-", 1)[1]), max_tokens=hp.mom2_max_tokens,
-                           seed=hp.seed, top_k=hp.prefix_top_k), False
+                           seed=hp.seed, top_k=hp.prefix_top_k), "mean"
     raise SystemExit(f"unknown variant {name!r}")
 
 
@@ -83,9 +100,7 @@ def run(args) -> None:
     cf_text = {"cf-text": [f"{r.prompt} {r.target_true}" for r in all_records
                            if r.case_id not in drawn and r.target_true]}
     # the same without any record whose subject is named in a drawn record's prompts (edit, paraphrase, neighbour)
-    asked = [p for r in records for p in (r.prompt, *r.paraphrases, *(q for q, _ in r.neighborhood))]
-    cf_text["cf-clean"] = [f"{r.prompt} {r.target_true}" for r in all_records if r.case_id not in drawn
-                           and r.target_true and not any(r.subject in p for p in asked)]
+    cf_text["cf-clean"] = cf.statistics_text(all_records, records)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "records.jsonl"
@@ -127,11 +142,13 @@ def run(args) -> None:
         entry["variants"] = {}
         saved = weight.detach().clone()
         for v in variants:
-            s, bare = stats[v]
-            u = compute_u(keys.mean, s)
-            k = (keys.bare if bare else keys.mean).double().cpu()
+            s, key, lam = stats[v]
+            u = compute_u(keys.bare if key == "bare-u" else keys.mean, s)
+            k = (keys.mean if key == "mean" else keys.bare).double().cpu()
+            g = float(k @ (k if s is None else torch.linalg.solve(s.mom2.double(), k)))  # kᵀC⁻¹k
+            share = 1.0 if lam is None else g / (lam + g)
             try:
-                update, _, alignment, ratio = _rank_one(value.delta, k, u, weight, model.conv1d, layer, hp)
+                update, _, alignment, ratio = _rank_one(value.delta * share, k, u, weight, model.conv1d, layer, hp)
             except MecheditError as e:  # ROME refuses a degenerate update: the model stays as it was
                 entry["variants"][v] = {"scores": entry["unedited"], "refused": str(e)}
                 continue
@@ -140,7 +157,8 @@ def run(args) -> None:
                 scores = {k2: v2 for k2, v2 in rewrite_scores(model, rec).items() if k2 in SCORE_KEYS}
             finally:
                 weight.data.copy_(saved)
-            entry["variants"][v] = {"scores": scores, "update_ratio": ratio, "key_alignment": alignment}
+            entry["variants"][v] = {"scores": scores, "update_ratio": ratio, "key_alignment": alignment,
+                                    "whitened_key_sq_norm": g, "share_written": share}
         if not torch.equal(weight, saved):
             raise SystemExit("the weight did not come back bit-exactly")
         entry["cpu_s"] = round(time.process_time() - c, 2)

@@ -288,6 +288,11 @@ def main() -> None:
                          "file ../shared/data/counterfact.json) on --model instead of the embedded world's facts; "
                          "each record keeps its own neighbour prompt")
     ap.add_argument("--model", default=None, help="model to edit (with --counterfact; default smollm2-135m)")
+    ap.add_argument("--stats-text", choices=("sampled", "cf-clean"), default="sampled",
+                    help="with --counterfact, the key statistics' text: 1,000 texts sampled from the model (the "
+                         "pinned study's), or cf-clean: the CounterFact sentences about no subject the drawn records "
+                         "ask about (analyses/counterfact_smollm2.statistics_text), the kind of text neighbour "
+                         "prompts are")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -304,8 +309,19 @@ def main() -> None:
         records = cf.draw(read_counterfact(args.counterfact), args.pool, args.seed)[:args.n]
         # ROME and MEMIT as the CounterFact study pins them (ROME at layer 8, MEMIT over 7-9, statistics from
         # 1,000 model-sampled texts); seq-rome with MEMIT's 5 prefixes of 10 tokens, as on the embedded model.
-        hparams = {"seq-rome": SequentialHyperParams(rome={**cf.HPARAMS["rome"], "prefix_lengths": [[10, 5]]}),
-                   "alphaedit": SequentialHyperParams(memit=cf.HPARAMS["memit"])}
+        rome_hp, memit_hp = dict(cf.HPARAMS["rome"]), dict(cf.HPARAMS["memit"])
+        if args.stats_text == "cf-clean":
+            from mechedit.hub import cache_dir
+
+            text = cf.statistics_text(read_counterfact(args.counterfact), records)
+            path = cache_dir() / "texts" / f"cf-clean-n{args.n}-seed{args.seed}.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("\n".join(text) + "\n")
+            for hp in (rome_hp, memit_hp):
+                hp.update(mom2_source=str(path), mom2_n_samples=len(text))
+            print(f"statistics text: {len(text)} CounterFact sentences ({path})", flush=True)
+        hparams = {"seq-rome": SequentialHyperParams(rome={**rome_hp, "prefix_lengths": [[10, 5]]}),
+                   "alphaedit": SequentialHyperParams(memit=memit_hp)}
     else:
         from mechedit.editing.memit import MEMITHyperParams
         from mechedit.editing.rome import ROMEHyperParams
