@@ -104,6 +104,18 @@ def statistics_text(all_records: Sequence, drawn: Sequence) -> list[str]:
             and r.target_true and r.subject not in asked]
 
 
+def statistics_file(all_records: Sequence, drawn: Sequence, seed: int) -> tuple[Path, int]:
+    """:func:`statistics_text` written to the cache (``texts/cf-clean-n<len(drawn)>-seed<seed>.txt``, one sentence
+    per line: a ``mom2_source`` file) and its sentence count (the ``mom2_n_samples`` that reads all of it)."""
+    from mechedit.hub import cache_dir
+
+    text = statistics_text(all_records, drawn)
+    path = cache_dir() / "texts" / f"cf-clean-n{len(drawn)}-seed{seed}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(text) + "\n")
+    return path, len(text)
+
+
 def make_hp(method: str, overrides: Sequence[str]):
     from mechedit.editing.methods import make_hparams
 
@@ -129,10 +141,16 @@ def run(args) -> None:
     for item in args.hp:
         method, _, kv = item.partition(":")
         overrides.setdefault(method, []).append(kv)
+    all_records = read_counterfact(args.data)
+    records = draw(all_records, args.n, args.seed)
+    if args.stats_text == "cf-clean":
+        path, n_text = statistics_file(all_records, records, args.seed)
+        for m in ("rome", "memit"):
+            overrides.setdefault(m, []).extend([f"mom2_source={path}", f"mom2_n_samples={n_text}"])
+        print(f"statistics text: {n_text} CounterFact sentences ({path})", flush=True)
     hps = {m: make_hp(m, overrides.get(m, [])) for m in methods}
 
     model = mechedit.load("smollm2-135m")
-    records = draw(read_counterfact(args.data), args.n, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "records.jsonl"
     entries = read_entries(log)
@@ -368,6 +386,10 @@ def main() -> None:
     ap.add_argument("--methods", default="rome", help="comma-separated, run in this order: rome, memit, ft, ft-l")
     ap.add_argument("--hp", action="append", default=[], metavar="METHOD:K=V",
                     help="override one hyperparameter of one method, e.g. rome:clamp_norm_factor=8")
+    ap.add_argument("--stats-text", choices=("sampled", "cf-clean"), default="sampled",
+                    help="key statistics for rome and memit: as pinned (1,000 texts sampled from the model), or "
+                         "cf-clean: the CounterFact sentences about no subject the drawn records ask about "
+                         "(statistics_text), the kind of text ROME's Wikipedia statistics stand for")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("runs/counterfact-smollm2"))
     ap.add_argument("--summarise", action="store_true", help="only rewrite the summary from records.jsonl")

@@ -199,11 +199,22 @@ def merge(out: Path, other: Path) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=1))
 
 
-def summarise(out: Path) -> dict:
+def summarise(out: Path, sources: list[Path] | None = None) -> dict:
+    """Summary of ``out``'s records, or (``sources``) of several runs' records pooled into ``out`` (a record in two
+    runs counts once, as the first has it; variants: those every pooled record has)."""
     from mechedit.evaluation.stats import wilson
 
-    entries = [e for e in read_lines(out / "records.jsonl") if "variants" in e]
-    config = json.loads((out / "config.json").read_text())
+    dirs = sources or [out]
+    entries, seen = [], set()
+    for d in dirs:
+        for e in read_lines(d / "records.jsonl"):
+            if "variants" in e and e["case_id"] not in seen:
+                seen.add(e["case_id"])
+                entries.append(e)
+    configs = [json.loads((d / "config.json").read_text()) for d in dirs]
+    config = configs[0]
+    if len({c["layer"] for c in configs}) > 1:
+        raise SystemExit("the pooled runs edit different layers")
     variants = [v for v in config["variants"] if all(v in e["variants"] for e in entries)]
 
     def rate(values: list[float]) -> dict:
@@ -223,27 +234,33 @@ def summarise(out: Path) -> dict:
                  for e in entries if e["unedited"]["neighborhood_success"] is not None]
         row["ns_right_to_wrong"] = sum(1 for a, b in pairs if a > 0.5 >= b)
         row["ns_wrong_to_right"] = sum(1 for a, b in pairs if b > 0.5 >= a)
+        # the paired change of NS (points) with a normal-approximation 95% interval over the discordant pairs
+        b, c, n = row["ns_right_to_wrong"], row["ns_wrong_to_right"], len(pairs)
+        half = 1.96 * max(b + c - (c - b) ** 2 / n, 0.0) ** 0.5 / n
+        row["ns_change_interval"] = [100 * ((c - b) / n - half), 100 * ((c - b) / n + half)]
         moves = [abs(e["variants"][v]["scores"]["neighborhood_magnitude"] - e["unedited"]["neighborhood_magnitude"])
                  for e in entries if e["unedited"].get("neighborhood_magnitude") is not None]
         row["neighbour_margin_move_mean"] = sum(moves) / len(moves)
         row["es_failures"] = [e["case_id"] for e in entries if e["variants"][v]["scores"]["efficacy_success"] <= 0.5]
         row["refused"] = [e["case_id"] for e in entries if "refused" in e["variants"][v]]
         rows[v] = row
-    summary = {"n_edited": len(entries), "variants": variants, "rows": rows,
+    summary = {"n_edited": len(entries), "runs": [str(d) for d in dirs], "variants": variants, "rows": rows,
                "cpu_s_median": sorted(e["cpu_s"] for e in entries)[len(entries) // 2] if entries else None}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    lines = [("| update | ES | PS | NS | NS change | neighbours right→wrong / wrong→right | mean |Δ neighbour margin| "
-              "| ES failures |"), "|---|---|---|---|---|---|---|---|"]
+    lines = [("| update | ES | PS | NS | NS change [95%] | neighbours right→wrong / wrong→right | mean |Δ neighbour "
+              "margin| | ES failures |"), "|---|---|---|---|---|---|---|---|"]
     base_ns = rows["unedited"]["neighborhood_success"]["value"]
     for name, row in rows.items():
         cells = " | ".join(f"{row[k]['value']:.1f} [{row[k]['lo']:.0f}–{row[k]['hi']:.0f}]" for k in KEYS)
         if name == "unedited":
             lines.append(f"| unedited | {cells} | – | – | – | – |")
             continue
-        lines.append(f"| {name} | {cells} | {row['neighborhood_success']['value'] - base_ns:+.1f} | "
+        lo, hi = row["ns_change_interval"]
+        lines.append(f"| {name} | {cells} | {row['neighborhood_success']['value'] - base_ns:+.1f} [{lo:+.1f}, {hi:+.1f}] | "
                      f"{row['ns_right_to_wrong']} / {row['ns_wrong_to_right']} | "
                      f"{row['neighbour_margin_move_mean']:.4f} | {len(row['es_failures'])} |")
-    text = (f"{len(entries)} records edited (of {config['n']} drawn, seed {config['seed']}); ROME at layer "
+    drawn = " + ".join(f"{c['n']} drawn with seed {c['seed']}" for c in configs)
+    text = (f"{len(entries)} records edited (of {drawn}{'' if sources is None else ', pooled'}); ROME at layer "
             f"{config['layer']}, one value per record put through each update.\n\n" + "\n".join(lines) + "\n")
     (out / "summary.md").write_text(text)
     print(text)
@@ -262,8 +279,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/rome-update-variants"))
     ap.add_argument("--summarise", action="store_true")
     ap.add_argument("--merge", type=Path, default=None, help="add the variants of another run's --out, then summarise")
+    ap.add_argument("--pool", type=Path, nargs="+", default=None, metavar="DIR",
+                    help="summarise the records of several runs' --out together, into --out")
     args = ap.parse_args()
-    if args.merge is not None:
+    if args.pool:
+        args.out.mkdir(parents=True, exist_ok=True)
+        summarise(args.out, args.pool)
+    elif args.merge is not None:
         merge(args.out, args.merge)
         summarise(args.out)
     elif args.summarise:

@@ -311,15 +311,10 @@ def main() -> None:
         # 1,000 model-sampled texts); seq-rome with MEMIT's 5 prefixes of 10 tokens, as on the embedded model.
         rome_hp, memit_hp = dict(cf.HPARAMS["rome"]), dict(cf.HPARAMS["memit"])
         if args.stats_text == "cf-clean":
-            from mechedit.hub import cache_dir
-
-            text = cf.statistics_text(read_counterfact(args.counterfact), records)
-            path = cache_dir() / "texts" / f"cf-clean-n{args.n}-seed{args.seed}.txt"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("\n".join(text) + "\n")
+            path, n_text = cf.statistics_file(read_counterfact(args.counterfact), records, args.seed)
             for hp in (rome_hp, memit_hp):
-                hp.update(mom2_source=str(path), mom2_n_samples=len(text))
-            print(f"statistics text: {len(text)} CounterFact sentences ({path})", flush=True)
+                hp.update(mom2_source=str(path), mom2_n_samples=n_text)
+            print(f"statistics text: {n_text} CounterFact sentences ({path})", flush=True)
         hparams = {"seq-rome": SequentialHyperParams(rome={**rome_hp, "prefix_lengths": [[10, 5]]}),
                    "alphaedit": SequentialHyperParams(memit=memit_hp)}
     else:
