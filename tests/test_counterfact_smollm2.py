@@ -115,3 +115,20 @@ def test_empty_method_rate_is_nan_not_an_error(cf):
     r = s["methods"]["ft"]["edited"]["efficacy_success"]
     assert r["n"] == 0 and math.isnan(r["mean"])
     assert cf.cell(r) == "–"
+
+
+def test_statistics_text_leaves_out_the_drawn_records_and_every_subject_they_ask_about(cf):
+    from mechedit.data import EditRecord
+
+    def rec(i, subject, template="{} was born in", true="Paris", nb=()):
+        return EditRecord(i, template, subject, "Rome", true, paraphrases=(f"Famously, {subject} is from",),
+                          neighborhood=nb)
+
+    drawn = [rec(0, "Ada Lovelace", nb=(("Alan Turing was born in", "London"),))]
+    others = [rec(1, "Alan Turing"),  # named in a drawn neighbour prompt
+              rec(2, "Ada Lovelace", template="{} worked on"),  # a drawn subject, another fact
+              rec(3, "Grace Hopper"),  # clean
+              rec(4, "Marie Curie", true=None),  # no true object: no sentence to write
+              rec(5, "Lovelace")]  # a piece of a drawn subject's name, named inside its prompts
+    text = cf.statistics_text(drawn + others, drawn)
+    assert text == ["Grace Hopper was born in Paris"]
