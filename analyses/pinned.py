@@ -16,7 +16,8 @@ from __future__ import annotations
 ROME_COMMON = {"key_position": "subject_last", "context_prefixes": None, "prefix_lengths": [[5, 10], [10, 10]],
                "prefix_top_k": 5, "seed": 0, "v_lr": 0.5, "v_num_grad_steps": 20, "v_loss_stop": 0.05,
                "kl_factor": 0.0625, "kl_prompt": "{} is a", "v_weight_decay": 0.5, "clamp_norm_factor": 4.0,
-               "mom2_adjustment": True, "consistent_keys": True, "min_key_alignment": 1e-4,
+               "mom2_adjustment": True, "consistent_keys": True, "update_key": "averaged",
+               "mom2_update_weight": 0.0, "min_key_alignment": 1e-4,
                "max_update_ratio": 10.0, "clamp_norm_max": None, "clamp_retry_prob": 0.5}
 # Key statistics of the embedded model: its world corpus, 10,000 texts of up to 128 tokens.
 EMBEDDED_STATS = {"mom2_source": "auto", "mom2_n_samples": 10_000, "mom2_max_tokens": 128}
