@@ -311,7 +311,8 @@ def main() -> None:
         # 1,000 model-sampled texts); seq-rome with MEMIT's 5 prefixes of 10 tokens, as on the embedded model.
         rome_hp, memit_hp = dict(cf.HPARAMS["rome"]), dict(cf.HPARAMS["memit"])
         if args.stats_text == "cf-clean":
-            path, n_text = cf.statistics_file(read_counterfact(args.counterfact), records, args.seed)
+            all_records = read_counterfact(args.counterfact)  # cleaned against the whole pool: any --n shares it
+            path, n_text = cf.statistics_file(all_records, cf.draw(all_records, args.pool, args.seed), args.seed)
             for hp in (rome_hp, memit_hp):
                 hp.update(mom2_source=str(path), mom2_n_samples=n_text)
             print(f"statistics text: {n_text} CounterFact sentences ({path})", flush=True)
