@@ -146,6 +146,39 @@ def test_seq_memit_keeps_the_outputs_at_earlier_edits_keys_as_far_as_they_weigh(
     assert moved["μ=1000"] < 0.02 * moved["unprotected"]
 
 
+def test_seq_memit_anchored_to_the_original_takes_back_lambda_c_d_through_the_same_solve(embedded):
+    # anchor_original charges λC on the total change: the second step solves A Δ = k₂ r₂ − λ C D₁ instead of
+    # A Δ = k₂ r₂ (A = λC + μ k₁k₁ᵀ + k₂k₂ᵀ, D₁ the first step's change). Both runs see the same model before
+    # step 2 (the first step is plain MEMIT either way), so A (Δ_plain − Δ_anchored) = λ C D₁ exactly, and the
+    # total change of the anchored run costs less under λC plus the edit terms it trades against.
+    recs = world_records(embedded_world(), n=1000, seed=0)[:12]
+    first = recs[0]
+    second = next(r for r in recs if r.subject != first.subject)
+    mh = replace(MEMIT, layers=(1,))
+    prep = prepare(embedded, [first, second], context_templates(embedded, mh), mh.key_position)
+    K = read_keys(embedded, prep, 1)  # (2, d_mlp): layer 1's keys do not depend on its own output projection
+    C = layer_stats(embedded, 1, mh.mom2_source, mh.mom2_n_samples, max_tokens=mh.mom2_max_tokens).mom2.double()
+    lam = mh.mom2_update_weight
+    name = "model.layers.1.mlp.down_proj.weight"
+    before = snapshot(embedded)
+    totals = {}
+    for anchored in (False, True):
+        hp = SequentialHyperParams(memit=mh, anchor_original=anchored)
+        with sequential_memit(embedded, [first], hp) as h:
+            d1 = h.deltas[name].double().T  # (d_mlp, d_model)
+        with sequential_memit(embedded, [first, second], hp) as h:
+            totals[anchored] = h.deltas[name].double().T
+            assert h.evidence["anchor_original"] is anchored
+    assert same_weights(embedded, before)
+    step_plain, step_anchored = totals[False] - d1, totals[True] - d1
+    A = lam * C + torch.outer(K[0], K[0]) + torch.outer(K[1], K[1])
+    pulled = A @ (step_plain - step_anchored)
+    assert (pulled - lam * C @ d1).norm() <= 1e-3 * (lam * C @ d1).norm()
+    # the anchored total spends less of λ‖D‖²_C on ordinary keys
+    cost = {a: float(torch.trace(d.T @ C @ d)) for a, d in totals.items()}
+    assert cost[True] < cost[False]
+
+
 def test_edit_keys_count_each_edit_once_when_an_edit_is_written_again():
     g = torch.Generator().manual_seed(0)
     keys = EditKeys([3], 6)

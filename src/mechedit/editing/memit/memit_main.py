@@ -196,6 +196,11 @@ class Snapshot:
         """``{parameter name: now - original}`` for every snapshotted parameter."""
         return {n: (p.detach() - self.originals[n]).clone() for n, p in self.params.items()}
 
+    def change_in_out(self, model: LoadedModel, layer: int) -> torch.Tensor:
+        """``now - original`` of ``layer``'s output projection as (d_mlp, d_model), whatever its layout."""
+        name = model.module_name(layer, "mlp_out") + ".weight"
+        return linear_weight_in_out(self.params[name].detach() - self.originals[name], model.conv1d)
+
     def restore(self) -> None:
         with torch.no_grad():
             for n, p in self.params.items():
