@@ -17,7 +17,9 @@ scores (:func:`mechedit.evaluation.counterfact.rewrite_scores`), each with its W
 At the last checkpoint a diagnosis splits ES by age (edits made after it), by whether a later edit had the same
 subject and by whether an earlier edit's subject ends in the same name piece, and NS by whether the neighbour's
 name ends in an edited subject's name piece; ``--key-report`` adds the overlap of the edit keys (cosines, null
-space rank, projected cosines). A method whose time budget runs out stops at its last checkpoint (reported as
+space rank, projected cosines). The JSON keeps the editor's per-step evidence (``steps``: for AlphaEdit and
+seq-memit each batch's value optimisation, how much of the asked residual the weights carry, update sizes). A
+method whose time budget runs out stops at its last checkpoint (reported as
 such). Writes
 ``sequential_edits.json``, ``sequential_edits.md`` (table) and ``sequential_edits.html`` (plotly) to ``--out``;
 while a method runs, ``partial-<method>.json`` there holds its checkpoints so far (removed at the end).
@@ -253,14 +255,16 @@ def run_method(model, name, records, hparams, checkpoints, budget, base_ns, part
 
     points_eval = [0.0]  # wall seconds spent scoring (excluded from editing time)
     stopped = None
+    steps = None
     try:
         handle = edit(model, records, name, hparams, progress)
         handle.restore()
+        steps = handle.evidence.get("steps")  # per step: value optimisation and update sizes
     except _OutOfTime:  # the editor restored the original weights before this propagated
         stopped = f"time budget of {budget:.0f} s reached after {points[-1]['edits']} edits"
     diagnosis = diagnose(model, records, last["scores"], immediate) if last else None
     return {"method": name, "hparams": hparams.to_dict(), "points": points, "stopped": stopped,
-            "diagnosis": diagnosis, "immediate_ES": immediate,
+            "diagnosis": diagnosis, "immediate_ES": immediate, "steps": steps,
             "seconds": round(time.perf_counter() - started, 1), "cpu_seconds": round(time.process_time() - cpu0, 1)}
 
 
