@@ -47,6 +47,9 @@ Real use edits a model again and again. Three ways are here:
   Sequential Knowledge Editing without Model Degradation" (ENCORE), bound the same growth of the total change
   with a Frobenius-norm term, ‖W − W₀‖²; this is MEMIT's own covariance-weighted term, so directions ordinary
   text uses are held back more than those it does not.)
+  Measured in the same setting (λ = 500, key statistics from CounterFact sentences, 1,000 edits): μ = 1 keeps
+  the neighbours (NS drop 3.2) but pulls earlier edits back with the spill (ES 74.6); μ = 10: ES 88.7, NS drop
+  4.7 (unanchored: 89.9, 7.0).
 
 All three return *one* :class:`~mechedit.editing.EditHandle` whose deltas are the total change of every edited
 parameter (edited model minus original) and whose ``restore()`` puts the original back bit-exactly. The handle
