@@ -123,15 +123,21 @@ def test_seq_memit_one_step_is_memit_and_restores_bit_exactly(embedded, records)
     assert same_weights(embedded, before)
 
 
-def test_seq_memit_keeps_the_outputs_at_earlier_edits_keys_as_far_as_they_weigh(embedded):
-    # Two people, one step each, one layer (whose keys no edit changes). The second step's change at the first
-    # edit's key shrinks as the first edit weighs more in the solve, and is largest when it is not protected.
+def two_people_one_layer(embedded):
+    """Two requests about different people, MEMIT on layer 1 only, and their keys there ((2, d_mlp) float64;
+    layer 1's keys do not depend on its own output projection, so no edit changes them)."""
     recs = world_records(embedded_world(), n=1000, seed=0)[:12]
     first = recs[0]
     second = next(r for r in recs if r.subject != first.subject)
     mh = replace(MEMIT, layers=(1,))
     prep = prepare(embedded, [first, second], context_templates(embedded, mh), mh.key_position)
-    k1, k2 = read_keys(embedded, prep, 1)  # (d_mlp,) each, float64
+    return first, second, mh, read_keys(embedded, prep, 1)
+
+
+def test_seq_memit_keeps_the_outputs_at_earlier_edits_keys_as_far_as_they_weigh(embedded):
+    # Two people, one step each, one layer (whose keys no edit changes). The second step's change at the first
+    # edit's key shrinks as the first edit weighs more in the solve, and is largest when it is not protected.
+    first, second, mh, (k1, k2) = two_people_one_layer(embedded)
     name = "model.layers.1.mlp.down_proj.weight"
     with sequential_memit(embedded, [first], SequentialHyperParams(memit=mh)) as h:
         step1 = h.deltas[name].double()
@@ -151,12 +157,7 @@ def test_seq_memit_anchored_to_the_original_takes_back_lambda_c_d_through_the_sa
     # A Δ = k₂ r₂ (A = λC + μ k₁k₁ᵀ + k₂k₂ᵀ, D₁ the first step's change). Both runs see the same model before
     # step 2 (the first step is plain MEMIT either way), so A (Δ_plain − Δ_anchored) = λ C D₁ exactly, and the
     # total change of the anchored run costs less under λC plus the edit terms it trades against.
-    recs = world_records(embedded_world(), n=1000, seed=0)[:12]
-    first = recs[0]
-    second = next(r for r in recs if r.subject != first.subject)
-    mh = replace(MEMIT, layers=(1,))
-    prep = prepare(embedded, [first, second], context_templates(embedded, mh), mh.key_position)
-    K = read_keys(embedded, prep, 1)  # (2, d_mlp): layer 1's keys do not depend on its own output projection
+    first, second, mh, K = two_people_one_layer(embedded)
     C = layer_stats(embedded, 1, mh.mom2_source, mh.mom2_n_samples, max_tokens=mh.mom2_max_tokens).mom2.double()
     lam = mh.mom2_update_weight
     name = "model.layers.1.mlp.down_proj.weight"
