@@ -16,7 +16,7 @@ from conftest import same_weights, snapshot
 import mechedit
 from mechedit.editing import EditHandle, ROMEHyperParams
 from mechedit.editing.memit import MEMITHyperParams, memit
-from mechedit.editing.memit.compute_ks import prepare, read_keys
+from mechedit.editing.memit.compute_ks import prepare, read_keys, read_template_keys
 from mechedit.editing.rome import context_templates
 from mechedit.editing.methods import edit, make_hparams
 from mechedit.editing.rome.layer_stats import layer_stats
@@ -26,6 +26,7 @@ from mechedit.editing.sequential import (
     SequentialHyperParams,
     alphaedit,
     null_space,
+    prefer_true,
     sequential_memit,
     sequential_rome,
     subject_revisits,
@@ -192,6 +193,70 @@ def test_edit_keys_count_each_edit_once_when_an_edit_is_written_again():
     keys.add(3, [2], K2[1:])  # adding an edit already there replaces it
     assert torch.allclose(keys.matrix[3], expected, atol=1e-12)
     assert set(keys.keys[3]) == {0, 1, 2}
+
+
+def test_edit_keys_with_one_key_per_context_protect_their_mean_second_moment():
+    g = torch.Generator().manual_seed(1)
+    keys = EditKeys([0], 5)
+    K = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)  # 2 edits, 3 contexts each
+    keys.add(0, [4, 9], K)
+    expected = sum(K[j].T @ K[j] / 3 for j in range(2))
+    assert torch.allclose(keys.matrix[0], expected, atol=1e-12)
+    keys.drop([4])
+    assert torch.allclose(keys.matrix[0], K[1].T @ K[1] / 3, atol=1e-12)
+    keys.add(0, [9], K[1, :1])  # (1, d): one key, replaces edit 9's three
+    assert torch.allclose(keys.matrix[0], torch.outer(K[1, 0], K[1, 0]), atol=1e-12)
+
+
+def test_seq_memit_protecting_every_context_holds_the_edit_prompts_own_key(embedded):
+    # The first edit's prompt reads its bare template's key, not the mean over templates that MEMIT solves for.
+    # Held firmly (μ = 1000), a later step leaves the mean key's output nearly alone either way; only with
+    # protect_contexts does it also leave the bare prompt's key (and every other template's) alone.
+    first, second, mh, _ = two_people_one_layer(embedded)
+    mh = replace(mh, context_prefixes=("The weather was mild.", "He said so twice.", "Nobody knew"))
+    prep = prepare(embedded, [first], context_templates(embedded, mh), mh.key_position)
+    Kt = read_template_keys(embedded, prep, 1)[0]  # (4, d_mlp): bare prompt first
+    name = "model.layers.1.mlp.down_proj.weight"
+    before = snapshot(embedded)
+    moved = {}
+    for contexts in (False, True):
+        hp = SequentialHyperParams(memit=mh, protect_weight=1000.0, protect_contexts=contexts)
+        with sequential_memit(embedded, [first], hp) as h:
+            d1 = h.deltas[name].double()
+        with sequential_memit(embedded, [first, second], hp) as h:
+            step2 = h.deltas[name].double() - d1  # (d_model, d_mlp)
+            assert h.evidence["protect_contexts"] is contexts
+        moved[contexts] = (step2 @ Kt.T).norm(dim=0) / step2.norm()  # per template
+    assert same_weights(embedded, before)
+    assert float(moved[True][0]) < 0.5 * float(moved[False][0])
+    assert float(moved[True].max()) < 0.1 * float(moved[False].max())
+
+
+def test_seq_memit_retry_writes_again_exactly_the_subjects_whose_edit_missed(embedded):
+    # One MEMIT step on the embedded model leaves most of these requests preferring their true target. With
+    # retry_misses the step writes those again - with every request of a missed subject, since a subject shares
+    # one value - and fewer miss after it; requests without a true target cannot be judged and are never retried.
+    by_subject: dict[str, list] = {}
+    for r in world_records(embedded_world(), n=1000, seed=0)[:40]:
+        by_subject.setdefault(r.subject, []).append(r)
+    people = list(by_subject.values())
+    recs = [r for facts in people[:3] for r in facts[:2]] + [facts[0] for facts in people[3:5]]
+    mh = replace(MEMIT, layers=(0, 1, 2), v_num_grad_steps=20)
+    before = snapshot(embedded)
+    with sequential_memit(embedded, recs, SequentialHyperParams(memit=mh, batch_size=8)) as h:
+        missed = [recs[j] for j in prefer_true(embedded, recs, range(8))]
+        plain = {n: d.clone() for n, d in h.deltas.items()}
+    hp = SequentialHyperParams(memit=mh, batch_size=8, retry_misses=True)
+    with sequential_memit(embedded, recs, hp) as h:
+        retried = h.evidence["steps"][0]["retried"]
+        assert retried == [r.case_id for r in recs if r.subject in {m.subject for m in missed}]
+        assert set(retried) > {m.case_id for m in missed}  # a request that took, retried with its subject
+        assert len(prefer_true(embedded, recs, range(8))) < len(missed)
+    unjudged = [replace(r, target_true=None) for r in recs]
+    with sequential_memit(embedded, unjudged, hp) as h:
+        assert h.evidence["steps"][0]["retried"] == []
+        assert all(torch.equal(d, plain[n]) for n, d in h.deltas.items())
+    assert same_weights(embedded, before)
 
 
 def test_subject_revisits_lists_the_earlier_edits_of_the_subjects_edited_now():

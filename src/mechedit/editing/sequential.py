@@ -92,7 +92,7 @@ from mechedit.editing.rome.rome_main import (
     context_templates,
     rome,
 )
-from mechedit.editing.training import unbridged_copy
+from mechedit.editing.training import answer_batch, answer_logprobs, unbridged_copy
 from mechedit.errors import DataFormatError, InputError, MecheditError
 from mechedit.model import LoadedModel
 from mechedit.tracing.common import prepare_prompt
@@ -142,6 +142,16 @@ class SequentialHyperParams(HyperParams):
     # where the edit keys do not need it. With μ = 1 this is the joint MEMIT solve of all edits so far, made one
     # batch at a time. False: each step is charged for its own change only (the measured runs up to session 7).
     anchor_original: bool = False
+    # AlphaEdit and seq-memit: protect each earlier edit's key in every context template it was solved from
+    # (their second moment, the mean of k_t k_tᵀ over the templates) instead of only their mean k̄ (k̄ k̄ᵀ). The
+    # edit prompt itself reads the bare template's key k̄ + ε; with the mean alone nothing holds a later step's
+    # change away from ε, and later steps move old edits mostly there (at the subject's last token).
+    protect_contexts: bool = False
+    # AlphaEdit and seq-memit: after each step, the step's requests whose edited model still prefers their true
+    # target over the new one on their own prompt (mean per-token NLL, ES's test) are written once more, in one
+    # follow-up step on the model as it is now: fresh values, their keys protected again with the new ones. Requests
+    # without a true target are never retried. False: one write per step (the runs up to session 8).
+    retry_misses: bool = False
 
     def __post_init__(self) -> None:
         for name, cls in NESTED.items():
@@ -160,7 +170,7 @@ class SequentialHyperParams(HyperParams):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0):
                 raise InputError(f"{name} must be a positive number, got {v!r}")
-        for name in ("protect_edits", "merge_subjects", "anchor_original"):
+        for name in ("protect_edits", "merge_subjects", "anchor_original", "protect_contexts", "retry_misses"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
@@ -320,14 +330,16 @@ def _memit_steps(model: LoadedModel, requests: Sequence[EditRecord], hp: Sequent
     if method == "alphaedit":
         spaces = {layer: null_space(stats[layer].mom2, hp.nullspace_energy) for layer in layers}
         eye = torch.eye(model.d_mlp, dtype=torch.float64)
-        extra = {"null_space": {str(layer): spaces[layer].describe() for layer in layers}}
+        extra = {"null_space": {str(layer): spaces[layer].describe() for layer in layers},
+                 "protect_contexts": hp.protect_contexts, "retry_misses": hp.retry_misses}
 
         def solve(i: int, layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:  # K (n, d_mlp), R (n, d)
             P = spaces[layer].P
             return torch.linalg.solve(P @ (K.T @ K + protected.matrix[layer]) + hp.l2 * eye, P @ (K.T @ R))
     else:
         preserved = {layer: mh.mom2_update_weight * stats[layer].mom2.double() for layer in layers}
-        extra = {"protect_weight": hp.protect_weight, "anchor_original": hp.anchor_original}
+        extra = {"protect_weight": hp.protect_weight, "anchor_original": hp.anchor_original,
+                 "protect_contexts": hp.protect_contexts, "retry_misses": hp.retry_misses}
 
         def solve(i: int, layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
             A = preserved[layer] + hp.protect_weight * protected.matrix[layer] + K.T @ K
@@ -340,29 +352,44 @@ def _memit_steps(model: LoadedModel, requests: Sequence[EditRecord], hp: Sequent
     hf = unbridged_copy(model)  # the value optimisation's copy, kept in step with the edited layers
     copies = [hf.get_submodule(model.module_name(layer, "mlp_out")).weight for layer in layers]
     notes = []
+
+    def write(index: list[int], rewritten: list[int]):
+        """One MEMIT step for requests ``index``; ``rewritten`` (written before) leave the protected keys while
+        it is solved and come back with the step's keys."""
+        protected.drop(rewritten)
+
+        def remember(i: int, layer: int, Kt: torch.Tensor) -> None:  # Kt (n, n_templates, d)
+            if hp.protect_edits:
+                protected.add(layer, index, Kt if hp.protect_contexts else Kt.mean(dim=1, keepdim=True))
+
+        sub = prep.subset(index)
+        values = compute_zs(model, sub, layers[-1], read_resid(model, sub, layers[-1]), mh, hf=hf)
+        _, per_layer = spread(model, sub, layers, values, solve, mh.max_update_ratio, on_layer=remember)
+        with torch.no_grad():
+            for copy, layer in zip(copies, layers):
+                copy.copy_(model.module(layer, "mlp_out").weight)
+        return values, per_layer
+
     try:
         for s in range(0, len(requests), hp.batch_size):
             new = list(range(s, min(len(requests), s + hp.batch_size)))
             again = subject_revisits(requests, new, by_subject) if hp.merge_subjects else []
             index = again + new
-            protected.drop(again)  # re-asserted edits are protected again below, with this step's keys
-
-            def remember(i: int, layer: int, K: torch.Tensor, index=index) -> None:
-                if hp.protect_edits:
-                    protected.add(layer, index, K)
-
-            sub = prep.subset(index)
-            values = compute_zs(model, sub, layers[-1], read_resid(model, sub, layers[-1]), mh, hf=hf)
-            _, per_layer = spread(model, sub, layers, values, solve, mh.max_update_ratio, on_layer=remember)
-            with torch.no_grad():
-                for copy, layer in zip(copies, layers):
-                    copy.copy_(model.module(layer, "mlp_out").weight)
+            values, per_layer = write(index, again)  # re-asserted edits are protected again with this step's keys
             for j in new:
                 by_subject.setdefault(requests[j].subject.strip(), []).append(j)
-            notes.append({"case_ids": [requests[j].case_id for j in new],
-                          "reasserted": [requests[j].case_id for j in again],
-                          **value_evidence(values, read_resid(model, sub, layers[-1])),
-                          "update_ratio": [p["update_ratio"] for p in per_layer]})
+            note = {"case_ids": [requests[j].case_id for j in new],
+                    "reasserted": [requests[j].case_id for j in again],
+                    **value_evidence(values, read_resid(model, prep.subset(index), layers[-1])),
+                    "update_ratio": [p["update_ratio"] for p in per_layer]}
+            if hp.retry_misses:
+                missed = {requests[j].subject.strip() for j in prefer_true(model, requests, new)}
+                retry = [j for j in index if requests[j].subject.strip() in missed]  # a subject shares one value
+                if retry:
+                    values, _ = write(retry, retry)
+                note["retried"] = [requests[j].case_id for j in retry]
+                note["retry_target_prob_mean"] = float(values.target_prob.mean()) if retry else None
+            notes.append(note)
             if progress is not None:
                 progress("edit", new[-1] + 1, len(requests))
         deltas = snapshot.changes()
@@ -375,27 +402,46 @@ def _memit_steps(model: LoadedModel, requests: Sequence[EditRecord], hp: Sequent
     return _finish(model, method, deltas, hp, requests, fingerprint, evidence)
 
 
+def prefer_true(model: LoadedModel, requests: Sequence[EditRecord], index: Sequence[int]) -> list[int]:
+    """The requests of ``index`` whose prompt the model continues with the true target rather than the new one
+    (mean per-token NLL, as ES scores it); requests without a true target are not listed."""
+    index = [j for j in index if requests[j].target_true is not None]
+    if not index:
+        return []
+    prompts = [requests[j].prompt for j in index]
+    nll = {}
+    for which in ("target_new", "target_true"):
+        batch = answer_batch(model, prompts, [getattr(requests[j], which) for j in index])
+        n_tokens = (batch.labels[:, 1:] != -100).sum(dim=1).clamp_min(1)
+        with torch.no_grad():
+            nll[which] = -answer_logprobs(model.hf_model, batch) / n_tokens
+    return [j for j, a, b in zip(index, nll["target_new"], nll["target_true"]) if not a < b]
+
+
 class EditKeys:
-    """AlphaEdit's ``K_p K_pᵀ`` per layer: the keys of the edits applied so far, each edit counted once. Each
-    edit's own keys are kept so that an edit written again (its subject re-asserted) can be taken out first."""
+    """AlphaEdit's ``K_p K_pᵀ`` per layer: the keys of the edits applied so far, each edit counted once (an edit
+    given several keys, one per context, adds their mean ``k kᵀ``). Each edit's own keys are kept so that an edit
+    written again (its subject re-asserted) can be taken out first."""
 
     def __init__(self, layers: Sequence[int], d_mlp: int):
         self.matrix = {layer: torch.zeros(d_mlp, d_mlp, dtype=torch.float64) for layer in layers}
         self.keys: dict[int, dict[int, torch.Tensor]] = {layer: {} for layer in layers}
 
     def add(self, layer: int, index: Sequence[int], K: torch.Tensor) -> None:
-        """Protect the keys ``K`` (n, d_mlp) of edits ``index`` (n) at ``layer``."""
+        """Protect the keys ``K`` of edits ``index`` (n) at ``layer``: (n, d_mlp), one key per edit, or
+        (n, m, d_mlp), m keys per edit weighted 1/m each."""
         self.drop(index, layers=[layer])
-        self.matrix[layer] += K.T @ K
+        K = K if K.dim() == 3 else K.unsqueeze(1)
+        self.matrix[layer] += torch.einsum("nmi,nmj->ij", K, K) / K.shape[1]
         self.keys[layer].update(zip(index, K.clone()))
 
     def drop(self, index: Sequence[int], layers: Sequence[int] | None = None) -> None:
         """Stop protecting edits ``index`` (those not protected are ignored)."""
         for layer in self.matrix if layers is None else layers:
             for j in index:
-                k = self.keys[layer].pop(j, None)
+                k = self.keys[layer].pop(j, None)  # (m, d_mlp)
                 if k is not None:
-                    self.matrix[layer] -= torch.outer(k, k)
+                    self.matrix[layer] -= k.T @ k / k.shape[0]
 
 
 def subject_revisits(requests: Sequence[EditRecord], new: Sequence[int], by_subject: dict[str, list[int]]) -> list[int]:

@@ -83,9 +83,14 @@ def _at_lookups(rows: list[list[int]], pos: torch.Tensor, read, pad: int) -> tor
 
 def read_keys(model: LoadedModel, prep: Prepared, layer: int) -> torch.Tensor:
     """K: (n, d_mlp) float64, each request's key at ``layer`` averaged over the templates (MEMIT's compute_ks)."""
+    return read_template_keys(model, prep, layer).mean(dim=1)
+
+
+def read_template_keys(model: LoadedModel, prep: Prepared, layer: int) -> torch.Tensor:
+    """(n, n_templates, d_mlp) float64: each request's key at ``layer`` in each template, bare prompt first."""
     rows = [list(p.ids) for ps in prep.prompts for p in ps]  # request-major: (n * n_templates) rows
     keys = _at_lookups(rows, prep.lookups.reshape(-1), lambda ids: mlp_keys(model, layer, ids), _pad_id(model))
-    return keys.reshape(prep.n, len(prep.templates), -1).mean(dim=1)  # (n, d_mlp)
+    return keys.reshape(prep.n, len(prep.templates), -1)
 
 
 class _Stop(Exception):

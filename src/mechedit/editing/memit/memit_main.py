@@ -41,7 +41,7 @@ import torch
 from mechedit.arch import linear_weight_in_out
 from mechedit.data import EditRecord
 from mechedit.editing.handle import EditHandle
-from mechedit.editing.memit.compute_ks import Prepared, prepare, read_keys, read_resid
+from mechedit.editing.memit.compute_ks import Prepared, prepare, read_resid, read_template_keys
 from mechedit.editing.memit.compute_zs import Values, compute_zs
 from mechedit.editing.memit.hparams import MEMITHyperParams
 from mechedit.editing.rome.layer_stats import LayerStats, describe, layer_stats
@@ -212,12 +212,14 @@ def spread(model: LoadedModel, prep: Prepared, layers: Sequence[int], values: Va
            on_layer: Callable[[int, int, torch.Tensor], None] | None = None) -> tuple[dict, list[dict]]:
     """Write the residual ``z - z_now`` into ``layers`` one by one (``solve`` gives each layer's ΔW_io from its
     keys and its share of the residual). Each update is checked, then **added to the model** (the caller
-    snapshots and restores). Returns ``{parameter name: delta}`` and per-layer notes. ``on_layer(i, layer, K)``
-    is called after each layer's update."""
+    snapshots and restores). Returns ``{parameter name: delta}`` and per-layer notes. ``on_layer(i, layer, Kt)``
+    is called after each layer's update with the keys it was solved from, per template: ``Kt`` (n, n_templates,
+    d_mlp), whose mean over templates is the ``K`` given to ``solve``."""
     z = values.z  # (n, d_model) float64
     deltas, notes = {}, []
     for i, layer in enumerate(layers):
-        K = read_keys(model, prep, layer)  # (n, d_mlp), on the model as updated so far
+        Kt = read_template_keys(model, prep, layer)  # (n, n_templates, d_mlp), on the model as updated so far
+        K = Kt.mean(dim=1)  # (n, d_mlp)
         missing = z - read_resid(model, prep, layers[-1])  # (n, d_model)
         R = missing / (len(layers) - i)
         upd = solve(i, layer, K, R)  # (d_mlp, d_model) float64
@@ -241,7 +243,7 @@ def spread(model: LoadedModel, prep: Prepared, layers: Sequence[int], values: Va
                       "written_norm_mean": float(achieved.norm(dim=1).mean()),
                       "update_norm": float(upd.norm()), "update_ratio": ratio})
         if on_layer is not None:
-            on_layer(i, layer, K)
+            on_layer(i, layer, Kt)
         if progress is not None:
             progress("layers", i + 1, len(layers))
     return deltas, notes
