@@ -51,6 +51,15 @@ Real use edits a model again and again. Three ways are here:
   the neighbours (NS drop 3.2) but pulls earlier edits back with the spill (ES 74.6); μ = 10: ES 88.7, NS drop
   4.7 (unanchored: 89.9, 7.0).
 
+  Two more options of both MEMIT-step methods. ``protect_contexts`` protects every earlier edit at its key in
+  each context template (the mean of ``k_t k_tᵀ``) rather than at the templates' mean key only: later steps move
+  an old edit mostly through its subject's last token, along the part of its prompts' keys that the mean does not
+  hold (``analyses/decay_by_position.py``). ``retry_misses`` writes a step's requests that still prefer their true
+  target once more, right after the step, with fresh values on the model as it is then. Measured on top of the
+  anchored μ = 10 run (1,000 edits): protect_contexts keeps the oldest edits better (age 500+: 90.0 against
+  85.4) but leaves less room for new ones (ES 88.6, NS drop 3.8); with retry_misses too, ES 87.6 and NS drop 2.9
+  (``docs/results/sequential-edits``, session 9).
+
 All three return *one* :class:`~mechedit.editing.EditHandle` whose deltas are the total change of every edited
 parameter (edited model minus original) and whose ``restore()`` puts the original back bit-exactly. The handle
 is re-applied to the original weights at the end, so the model holds exactly ``original + delta`` (which can
@@ -145,7 +154,8 @@ class SequentialHyperParams(HyperParams):
     # AlphaEdit and seq-memit: protect each earlier edit's key in every context template it was solved from
     # (their second moment, the mean of k_t k_tᵀ over the templates) instead of only their mean k̄ (k̄ k̄ᵀ). The
     # edit prompt itself reads the bare template's key k̄ + ε; with the mean alone nothing holds a later step's
-    # change away from ε, and later steps move old edits mostly there (at the subject's last token).
+    # change away from ε, and later steps move old edits mostly there (at the subject's last token). Costs room:
+    # each edit holds several directions, so later writes carry less of their residual (module docstring).
     protect_contexts: bool = False
     # AlphaEdit and seq-memit: after each step, the step's requests whose edited model still prefers their true
     # target over the new one on their own prompt (mean per-token NLL, ES's test) are written once more, in one
