@@ -101,7 +101,8 @@ from mechedit.editing.rome.rome_main import (
     context_templates,
     rome,
 )
-from mechedit.editing.training import answer_batch, answer_logprobs, unbridged_copy
+from mechedit.editing.training import unbridged_copy
+from mechedit.evaluation.counterfact import answer_nll
 from mechedit.errors import DataFormatError, InputError, MecheditError
 from mechedit.model import LoadedModel
 from mechedit.tracing.common import prepare_prompt
@@ -418,14 +419,9 @@ def prefer_true(model: LoadedModel, requests: Sequence[EditRecord], index: Seque
     index = [j for j in index if requests[j].target_true is not None]
     if not index:
         return []
-    prompts = [requests[j].prompt for j in index]
-    nll = {}
-    for which in ("target_new", "target_true"):
-        batch = answer_batch(model, prompts, [getattr(requests[j], which) for j in index])
-        n_tokens = (batch.labels[:, 1:] != -100).sum(dim=1).clamp_min(1)
-        with torch.no_grad():
-            nll[which] = -answer_logprobs(model.hf_model, batch) / n_tokens
-    return [j for j, a, b in zip(index, nll["target_new"], nll["target_true"]) if not a < b]
+    pairs = [(requests[j].prompt, requests[j].target_new) for j in index]
+    nll = answer_nll(model, pairs + [(requests[j].prompt, requests[j].target_true) for j in index])
+    return [j for j, new, true in zip(index, nll[:len(index)], nll[len(index):]) if not new < true]
 
 
 class EditKeys:
