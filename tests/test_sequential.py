@@ -259,6 +259,28 @@ def test_seq_memit_retry_writes_again_exactly_the_subjects_whose_edit_missed(emb
     assert same_weights(embedded, before)
 
 
+def test_seq_memit_refresh_writes_again_exactly_the_earlier_edits_that_lapsed(embedded):
+    # Two steps of 8. With refresh_lapsed (retry off) the first step has nothing earlier to check, so the model
+    # before the second step's refresh is the plain run's final model: the refresh must list exactly the first
+    # step's requests that model prefers the true target on, write every request of their subjects again, and
+    # leave fewer of them preferring it.
+    recs = world_records(embedded_world(), n=1000, seed=0)[:16]
+    mh = replace(MEMIT, layers=(0, 1, 2), v_num_grad_steps=20)
+    first = range(8)
+    before = snapshot(embedded)
+    with sequential_memit(embedded, recs, SequentialHyperParams(memit=mh, batch_size=8)):
+        lapsed = [recs[j] for j in prefer_true(embedded, recs, first)]
+    assert lapsed  # the embedded model loses some: the test has something to refresh
+    with sequential_memit(embedded, recs, SequentialHyperParams(memit=mh, batch_size=8, refresh_lapsed=True)) as h:
+        steps = h.evidence["steps"]
+        assert steps[0]["retried"] == [] and steps[0]["lapsed"] == []
+        assert steps[1]["lapsed"] == [r.case_id for r in lapsed]
+        subjects = {r.subject for r in lapsed}
+        assert steps[1]["retried"] == [r.case_id for r in recs if r.subject in subjects]
+        assert len(prefer_true(embedded, recs, first)) < len(lapsed)
+    assert same_weights(embedded, before)
+
+
 def test_subject_revisits_lists_the_earlier_edits_of_the_subjects_edited_now():
     recs = world_records(embedded_world(), n=1000, seed=0)[:12]
     by_subject = {}

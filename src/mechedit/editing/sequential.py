@@ -163,6 +163,13 @@ class SequentialHyperParams(HyperParams):
     # follow-up step on the model as it is now: fresh values, their keys protected again with the new ones. Requests
     # without a true target are never retried. False: one write per step (the runs up to session 8).
     retry_misses: bool = False
+    # AlphaEdit and seq-memit: after each step (and its retry), every request written in an *earlier* step whose
+    # edited model now prefers the true target again (the same test) is written once more, in the same follow-up
+    # step as the retry. Later steps wear old edits down (ES of edits aged 500+ falls ~10 points by 1,000 edits,
+    # module docstring); this writes back what has lapsed instead of holding it tighter. Costs one ES check of
+    # every request so far per step (it grows with the edit count) and the rewrites. False: an edit is written
+    # when it arrives (and retried once with retry_misses), never again.
+    refresh_lapsed: bool = False
 
     def __post_init__(self) -> None:
         for name, cls in NESTED.items():
@@ -181,7 +188,8 @@ class SequentialHyperParams(HyperParams):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0):
                 raise InputError(f"{name} must be a positive number, got {v!r}")
-        for name in ("protect_edits", "merge_subjects", "anchor_original", "protect_contexts", "retry_misses"):
+        for name in ("protect_edits", "merge_subjects", "anchor_original", "protect_contexts", "retry_misses",
+                     "refresh_lapsed"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
@@ -342,7 +350,8 @@ def _memit_steps(model: LoadedModel, requests: Sequence[EditRecord], hp: Sequent
         spaces = {layer: null_space(stats[layer].mom2, hp.nullspace_energy) for layer in layers}
         eye = torch.eye(model.d_mlp, dtype=torch.float64)
         extra = {"null_space": {str(layer): spaces[layer].describe() for layer in layers},
-                 "protect_contexts": hp.protect_contexts, "retry_misses": hp.retry_misses}
+                 "protect_contexts": hp.protect_contexts, "retry_misses": hp.retry_misses,
+                 "refresh_lapsed": hp.refresh_lapsed}
 
         def solve(i: int, layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:  # K (n, d_mlp), R (n, d)
             P = spaces[layer].P
@@ -350,7 +359,8 @@ def _memit_steps(model: LoadedModel, requests: Sequence[EditRecord], hp: Sequent
     else:
         preserved = {layer: mh.mom2_update_weight * stats[layer].mom2.double() for layer in layers}
         extra = {"protect_weight": hp.protect_weight, "anchor_original": hp.anchor_original,
-                 "protect_contexts": hp.protect_contexts, "retry_misses": hp.retry_misses}
+                 "protect_contexts": hp.protect_contexts, "retry_misses": hp.retry_misses,
+                 "refresh_lapsed": hp.refresh_lapsed}
 
         def solve(i: int, layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
             A = preserved[layer] + hp.protect_weight * protected.matrix[layer] + K.T @ K
@@ -393,12 +403,17 @@ def _memit_steps(model: LoadedModel, requests: Sequence[EditRecord], hp: Sequent
                     "reasserted": [requests[j].case_id for j in again],
                     **value_evidence(values, read_resid(model, prep.subset(index), layers[-1])),
                     "update_ratio": [p["update_ratio"] for p in per_layer]}
-            if hp.retry_misses:
-                missed = {requests[j].subject.strip() for j in prefer_true(model, requests, new)}
-                retry = [j for j in index if requests[j].subject.strip() in missed]  # a subject shares one value
+            if hp.retry_misses or hp.refresh_lapsed:
+                earlier = sorted(set(j for js in by_subject.values() for j in js) - set(new))
+                check = (new if hp.retry_misses else []) + (earlier if hp.refresh_lapsed else [])
+                missed = prefer_true(model, requests, check)
+                subjects = {requests[j].subject.strip() for j in missed}
+                # a subject shares one value: every request of a missed subject applied so far is written again
+                retry = sorted(j for subject in subjects for j in by_subject[subject])
                 if retry:
                     values, _ = write(retry, retry)
                 note["retried"] = [requests[j].case_id for j in retry]
+                note["lapsed"] = [requests[j].case_id for j in missed if j < new[0]]
                 note["retry_target_prob_mean"] = float(values.target_prob.mean()) if retry else None
             notes.append(note)
             if progress is not None:
