@@ -407,7 +407,7 @@ def _memit_steps(model: LoadedModel, requests: Sequence[EditRecord], hp: Sequent
                     **value_evidence(values, read_resid(model, prep.subset(index), layers[-1])),
                     "update_ratio": [p["update_ratio"] for p in per_layer]}
             if hp.retry_misses or hp.refresh_lapsed:
-                earlier = sorted(set(j for js in by_subject.values() for j in js) - set(new))
+                earlier = list(range(new[0]))  # every request of the earlier steps (steps go in order)
                 check = (new if hp.retry_misses else []) + (earlier if hp.refresh_lapsed else [])
                 missed = prefer_true(model, requests, check)
                 subjects = {requests[j].subject.strip() for j in missed}
